@@ -1,0 +1,123 @@
+/**
+ * What a matrix-vector or matrix-matrix kernel does with each finished dot product. Shared by the
+ * dense and quantized kernels so that every weight format fuses the same operations.
+ *
+ * A kernel computes "units": one output row, or a pair of rows that its epilogue combines
+ * (the two halves of a RoPE rotation, or gate and up of the FFN).
+ */
+import { STEP_WGSL } from "./common.ts";
+
+export type Epilogue =
+  /** Y[t, row] = acc; `offset` shifts the row (a chunk of a large matrix). */
+  | { kind: "store"; offset: number; ld: number }
+  /** Y[t, row] += acc (residual add). */
+  | { kind: "add" }
+  /** units j: rows j and j + hidden; H[t, j] = silu(gate) * up. */
+  | { kind: "gateup"; hidden: number }
+  /**
+   * Rows of the concatenated [Wq; Wk; Wv] in rotate-half pairs: (+bias), RoPE on q and k,
+   * q to Q[t], k and v into the KV cache at position pos + t.
+   */
+  | { kind: "qkv"; nHeads: number; nKvHeads: number; headDim: number; bias: boolean };
+
+/** Number of units of an epilogue over a weight with `rows` rows. */
+export function unitCount(e: Epilogue, rows: number): number {
+  if (e.kind === "gateup") return e.hidden;
+  if (e.kind === "qkv") return rows / 2;
+  return rows;
+}
+
+export function isPair(e: Epilogue): boolean {
+  return e.kind === "gateup" || e.kind === "qkv";
+}
+
+/** Buffer names the epilogue binds, in binding order after the kernel's own. */
+export function epilogueBindings(e: Epilogue): string[] {
+  switch (e.kind) {
+    case "store":
+    case "add":
+    case "gateup":
+      return ["y"];
+    case "qkv":
+      return ["step", "q", "kcache", "vcache", "rope", ...(e.bias ? ["bias"] : [])];
+  }
+}
+
+/** A short key naming the variant, for pipeline caches. */
+export function epilogueKey(e: Epilogue): string {
+  switch (e.kind) {
+    case "store":
+      return `store${e.offset}_${e.ld}`;
+    case "add":
+      return "add";
+    case "gateup":
+      return `gateup${e.hidden}`;
+    case "qkv":
+      return `qkv${e.nHeads}_${e.nKvHeads}_${e.headDim}${e.bias ? "b" : ""}`;
+  }
+}
+
+/**
+ * WGSL declaring the epilogue's bindings (from `first` on), `fn unit_rows(u) -> vec2<u32>` (the
+ * weight rows of unit u) and `fn epilogue(t: u32, u: u32, acc: vec2<f32>)`. `n` is the number of
+ * output elements per token of "store"/"add" (the weight's rows) or the hidden size for "gateup".
+ */
+export function epilogueWgsl(e: Epilogue, first: number, n: number): string {
+  const b = (i: number) => `@group(0) @binding(${first + i})`;
+  switch (e.kind) {
+    case "store":
+      return `${b(0)} var<storage, read_write> y: array<f32>;
+fn unit_rows(u: u32) -> vec2<u32> { return vec2<u32>(u, u); }
+fn epilogue(t: u32, u: u32, acc: vec2<f32>) { y[t * ${e.ld}u + ${e.offset}u + u] = acc.x; }`;
+    case "add":
+      return `${b(0)} var<storage, read_write> y: array<f32>;
+fn unit_rows(u: u32) -> vec2<u32> { return vec2<u32>(u, u); }
+fn epilogue(t: u32, u: u32, acc: vec2<f32>) { y[t * ${n}u + u] += acc.x; }`;
+    case "gateup":
+      return `${b(0)} var<storage, read_write> y: array<f32>;
+fn unit_rows(u: u32) -> vec2<u32> { return vec2<u32>(u, u + ${e.hidden}u); }
+fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
+  let g = acc.x;
+  y[t * ${e.hidden}u + u] = g / (1.0 + exp(-g)) * acc.y;
+}`;
+    case "qkv": {
+      const half = e.headDim / 2;
+      const qd = e.nHeads * e.headDim, kvd = e.nKvHeads * e.headDim;
+      return `${STEP_WGSL}
+${b(0)} var<uniform> step: Step;
+${b(1)} var<storage, read_write> q: array<f32>;
+${b(2)} var<storage, read_write> kcache: array<f32>;
+${b(3)} var<storage, read_write> vcache: array<f32>;
+${b(4)} var<storage, read> rope: array<vec2<f32>>; // (pos, headDim/2): cos, sin
+${e.bias ? `${b(5)} var<storage, read> bias: array<f32>;` : ""}
+fn unit_rows(u: u32) -> vec2<u32> {
+  let r = (u / ${half}u) * ${e.headDim}u + u % ${half}u;
+  return vec2<u32>(r, r + ${half}u);
+}
+fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
+  let head = u / ${half}u;
+  let i = u % ${half}u;
+  let pos = step.pos + t;
+  var v = acc;
+  ${e.bias ? "let rows = unit_rows(u); v += vec2<f32>(bias[rows.x], bias[rows.y]);" : ""}
+  if (head < ${e.nHeads + e.nKvHeads}u) {
+    let cs = rope[pos * ${half}u + i];
+    v = vec2<f32>(v.x * cs.x - v.y * cs.y, v.y * cs.x + v.x * cs.y);
+  }
+  if (head < ${e.nHeads}u) {
+    let o = t * ${qd}u + head * ${e.headDim}u + i;
+    q[o] = v.x;
+    q[o + ${half}u] = v.y;
+  } else if (head < ${e.nHeads + e.nKvHeads}u) {
+    let o = pos * ${kvd}u + (head - ${e.nHeads}u) * ${e.headDim}u + i;
+    kcache[o] = v.x;
+    kcache[o + ${half}u] = v.y;
+  } else {
+    let o = pos * ${kvd}u + (head - ${e.nHeads + e.nKvHeads}u) * ${e.headDim}u + i;
+    vcache[o] = v.x;
+    vcache[o + ${half}u] = v.y;
+  }
+}`;
+    }
+  }
+}

@@ -1,0 +1,87 @@
+/**
+ * Prefill matrix-matrix product over dense weights: for each of the step's tokens t,
+ * epilogue(t, W · x[t]). Each workgroup computes WG units for TT tokens; the tokens' inputs are
+ * staged through workgroup memory KC values at a time, so each weight value loaded is used TT times.
+ */
+import { type DenseFormat, denseAccess, enableFor, grid, STEP_WGSL } from "./common.ts";
+import { type Epilogue, epilogueBindings, epilogueKey, epilogueWgsl, isPair, unitCount } from "./epilogue.ts";
+import type { Gpu } from "./gpu.ts";
+
+export interface MatmulVariant {
+  format: DenseFormat;
+  rows: number;
+  K: number; // a multiple of 4
+  epilogue: Epilogue;
+}
+
+const WG = 64; // units per workgroup, one per thread
+const TT = 8; // tokens per workgroup
+const KC = 64; // vec4s of K staged per round
+
+export function matmulBindings(v: MatmulVariant): string[] {
+  const e = epilogueBindings(v.epilogue).filter((n) => n !== "step");
+  return ["step", "x", "w", ...e];
+}
+
+export function matmulWgsl(v: MatmulVariant): string {
+  const K4 = v.K / 4;
+  const units = unitCount(v.epilogue, v.rows);
+  const [nx] = grid(Math.ceil(units / WG));
+  const pair = isPair(v.epilogue);
+  // The qkv epilogue declares `step` itself; the other epilogues need it declared here.
+  const ownStep = !epilogueBindings(v.epilogue).includes("step");
+  const epi = epilogueWgsl(v.epilogue, ownStep ? 3 : 2, v.rows)
+    .replace(/@group\(0\) @binding\(\d+\) var<uniform> step: Step;/, "");
+  return `${enableFor(v.format)}
+${ownStep ? STEP_WGSL : ""}
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+${denseAccess("w", 2, v.format)}
+${epi}
+var<workgroup> xs: array<array<vec4<f32>, ${KC}>, ${TT}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let u = (wid.x + wid.y * ${nx}u) * ${WG}u + lid;
+  let t0 = wid.z * ${TT}u;
+  let rows = unit_rows(min(u, ${units - 1}u));
+  var acc: array<vec2<f32>, ${TT}>;
+  for (var k0 = 0u; k0 < ${K4}u; k0 += ${KC}u) {
+    for (var i = lid; i < ${TT * KC}u; i += ${WG}u) {
+      let tt = i / ${KC}u;
+      let kk = k0 + i % ${KC}u;
+      var val = vec4<f32>(0.0);
+      if (t0 + tt < step.ntok && kk < ${K4}u) { val = x[(t0 + tt) * ${K4}u + kk]; }
+      xs[tt][i % ${KC}u] = val;
+    }
+    workgroupBarrier();
+    let kn = min(${KC}u, ${K4}u - k0);
+    for (var kk = 0u; kk < kn; kk++) {
+      let wa = w_4(rows.x * ${K4}u + k0 + kk);
+      ${pair ? `let wb = w_4(rows.y * ${K4}u + k0 + kk);` : ""}
+      for (var tt = 0u; tt < ${TT}u; tt++) {
+        let xv = xs[tt][kk];
+        acc[tt].x += dot(wa, xv);
+        ${pair ? "acc[tt].y += dot(wb, xv);" : ""}
+      }
+    }
+    workgroupBarrier();
+  }
+  if (u < ${units}u) {
+    for (var tt = 0u; tt < ${TT}u; tt++) {
+      if (t0 + tt < step.ntok) { epilogue(t0 + tt, u, acc[tt]); }
+    }
+  }
+}`;
+}
+
+export function matmulPipeline(gpu: Gpu, v: MatmulVariant): GPUComputePipeline {
+  const key = `matmul_${v.format}_${v.rows}x${v.K}_${epilogueKey(v.epilogue)}`;
+  return gpu.pipeline(key, () => matmulWgsl(v));
+}
+
+/** Grid: (unit groups, 1 or more, token groups). */
+export function matmulGrid(v: MatmulVariant, ntok: number): [number, number, number] {
+  const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / WG));
+  return [x, y, Math.ceil(ntok / TT)];
+}

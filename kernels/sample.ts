@@ -1,0 +1,143 @@
+/**
+ * Sampling on the GPU, one workgroup: reads the logits of the step's last token and writes the
+ * chosen id to tokens[pos + ntok], where the next step's embedding gather reads it.
+ *
+ * Mirrors `sample()` in runtime/sampling.ts: temperature 0 is argmax (lowest index on ties);
+ * otherwise p_i = exp((l_i − max) / T), a threshold t = max(k-th largest p, top-p cut) found by
+ * bisection over the bit patterns of positive floats (exact, 31 rounds), and the token is the
+ * first, in index order, whose cumulative kept mass exceeds u · (kept mass), with
+ * u = uniform(seed, pos + ntok) from the PCG hash.
+ */
+import { STEP_WGSL } from "./common.ts";
+import type { Gpu } from "./gpu.ts";
+
+const WG = 256;
+
+export function sampleWgsl(vocab: number): string {
+  const chunk = Math.ceil(vocab / WG);
+  return `${STEP_WGSL}
+@group(0) @binding(0) var<uniform> step: Step;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> tokens: array<u32>;
+var<workgroup> rv: array<f32, ${WG}>;
+var<workgroup> ri: array<u32, ${WG}>;
+
+fn pcg(x: u32) -> u32 {
+  let state = x * 747796405u + 2891336453u;
+  let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+  return (word >> 22u) ^ word;
+}
+
+fn sum_all(lid: u32, v: f32) -> f32 {
+  workgroupBarrier();
+  rv[lid] = v;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) { rv[lid] += rv[lid + s]; }
+    workgroupBarrier();
+  }
+  return workgroupUniformLoad(&rv[0]);
+}
+
+fn prob(i: u32, m: f32, invt: f32) -> f32 { return exp((logits[i] - m) * invt); }
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(local_invocation_index) lid: u32) {
+  // argmax, lowest index on ties
+  var best = -3.4e38;
+  var bi = 0u;
+  for (var i = lid; i < ${vocab}u; i += ${WG}u) {
+    if (logits[i] > best) { best = logits[i]; bi = i; }
+  }
+  rv[lid] = best;
+  ri[lid] = bi;
+  workgroupBarrier();
+  for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
+    if (lid < s) {
+      let o = lid + s;
+      if (rv[o] > rv[lid] || (rv[o] == rv[lid] && ri[o] < ri[lid])) { rv[lid] = rv[o]; ri[lid] = ri[o]; }
+    }
+    workgroupBarrier();
+  }
+  let m = rv[0];
+  let arg = ri[0];
+  let out = step.pos + step.ntok;
+  if (step.temperature <= 0.0) {
+    if (lid == 0u) { tokens[out] = arg; }
+    return;
+  }
+  let invt = 1.0 / step.temperature;
+  var z = 0.0;
+  for (var i = lid; i < ${vocab}u; i += ${WG}u) { z += prob(i, m, invt); }
+  z = sum_all(lid, z);
+  var thr = 0.0;
+  if (step.topk > 0u && step.topk < ${vocab}u) {
+    // largest t with count(p >= t) >= k
+    var lo = 0u;
+    var hi = bitcast<u32>(1.0);
+    for (var it = 0u; it < 31u; it++) {
+      let mid = lo + (hi - lo + 1u) / 2u;
+      let tm = bitcast<f32>(mid);
+      var c = 0.0;
+      for (var i = lid; i < ${vocab}u; i += ${WG}u) { c += select(0.0, 1.0, prob(i, m, invt) >= tm); }
+      if (sum_all(lid, c) >= f32(step.topk)) { lo = mid; } else { hi = mid - 1u; }
+      if (lo >= hi) { break; }
+    }
+    thr = bitcast<f32>(lo);
+  }
+  if (step.topp < 1.0) {
+    // largest t with mass(p >= t) >= topp · z
+    var lo = 0u;
+    var hi = bitcast<u32>(1.0);
+    let need = step.topp * z;
+    for (var it = 0u; it < 31u; it++) {
+      let mid = lo + (hi - lo + 1u) / 2u;
+      let tm = bitcast<f32>(mid);
+      var c = 0.0;
+      for (var i = lid; i < ${vocab}u; i += ${WG}u) {
+        let pi = prob(i, m, invt);
+        c += select(0.0, pi, pi >= tm);
+      }
+      if (sum_all(lid, c) >= need) { lo = mid; } else { hi = mid - 1u; }
+      if (lo >= hi) { break; }
+    }
+    thr = max(thr, bitcast<f32>(lo));
+  }
+  // kept mass per contiguous chunk, then thread 0 walks to the sampled token
+  let c0 = lid * ${chunk}u;
+  let c1 = min(c0 + ${chunk}u, ${vocab}u);
+  var part = 0.0;
+  for (var i = c0; i < c1; i++) { let pi = prob(i, m, invt); part += select(0.0, pi, pi >= thr); }
+  workgroupBarrier();
+  rv[lid] = part;
+  workgroupBarrier();
+  if (lid == 0u) {
+    var kept = 0.0;
+    for (var i = 0u; i < ${WG}u; i++) { kept += rv[i]; }
+    let u = f32(pcg(pcg(step.seed) ^ out) >> 8u) / 16777216.0;
+    let r = u * kept;
+    var cum = 0.0;
+    var pick = arg;
+    var done = false;
+    for (var w = 0u; w < ${WG}u && !done; w++) {
+      if (cum + rv[w] <= r && w + 1u < ${WG}u) { cum += rv[w]; continue; }
+      let e1 = min(w * ${chunk}u + ${chunk}u, ${vocab}u);
+      for (var i = w * ${chunk}u; i < e1; i++) {
+        let pi = prob(i, m, invt);
+        if (pi >= thr) {
+          pick = i;
+          cum += pi;
+          if (cum > r) { done = true; break; }
+        }
+      }
+      if (!done) { continue; }
+    }
+    tokens[out] = pick;
+  }
+}`;
+}
+
+export function samplePipeline(gpu: Gpu, vocab: number): GPUComputePipeline {
+  return gpu.pipeline(`sample_${vocab}`, () => sampleWgsl(vocab));
+}
+/** Bindings: step, logits, tokens. Grid: one workgroup. */

@@ -1,0 +1,186 @@
+/**
+ * The forward pass on the GPU, as lists of dispatches built once at load time: `decode` for one
+ * token (matrix-vector kernels, fused RMSNorm), `prefill` for up to `maxT` tokens (matrix-matrix
+ * kernels). Each reads top to bottom like llama2.c's `transformer()`.
+ */
+import type { ModelConfig } from "./config.ts";
+import type { DenseMatrix, GpuWeights } from "./gpu_weights.ts";
+import type { RunState } from "./run_state.ts";
+import { type Gpu } from "../kernels/gpu.ts";
+import { embedGrid, embedPipeline } from "../kernels/embed.ts";
+import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
+import { type Epilogue } from "../kernels/epilogue.ts";
+import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
+import { matmulBindings, matmulGrid, matmulPipeline } from "../kernels/matmul.ts";
+import { attentionGrid, attentionPipeline } from "../kernels/attention.ts";
+import { samplePipeline } from "../kernels/sample.ts";
+
+/** One compute dispatch, its grid a function of the step's token count. */
+export interface Dispatch {
+  pipeline: GPUComputePipeline;
+  bindGroup: GPUBindGroup;
+  grid: (ntok: number) => number[];
+}
+
+export function encodeDispatches(pass: GPUComputePassEncoder, list: Dispatch[], ntok: number) {
+  for (const d of list) {
+    pass.setPipeline(d.pipeline);
+    pass.setBindGroup(0, d.bindGroup);
+    const [x, y = 1, z = 1] = d.grid(ntok);
+    pass.dispatchWorkgroups(x, y, z);
+  }
+}
+
+type Buffers = Record<string, GPUBuffer>;
+
+/** Builds dispatches from pipelines and named buffers. */
+class Builder {
+  constructor(readonly gpu: Gpu, readonly state: RunState) {}
+
+  bind(pipeline: GPUComputePipeline, names: string[], bufs: Buffers, label: string): GPUBindGroup {
+    const s = this.state as unknown as Buffers;
+    return this.gpu.bindGroup(pipeline, names.map((n) => bufs[n] ?? s[n]), label);
+  }
+
+  /** y = epilogue(W · x) for one token, with an optional fused RMSNorm (weight g). */
+  matvec(
+    W: DenseMatrix,
+    epilogue: Epilogue,
+    bufs: Buffers,
+    eps: number | null,
+    label: string,
+  ): Dispatch[] {
+    return W.chunks.map((c) => {
+      const e: Epilogue = epilogue.kind === "store"
+        ? { ...epilogue, offset: epilogue.offset + c.rowStart }
+        : epilogue;
+      const v = {
+        format: W.format,
+        rows: c.rows,
+        K: W.K,
+        norm: eps === null ? null : { eps },
+        epilogue: e,
+        ...matvecShape(this.gpu, W.K),
+      };
+      const pipeline = matvecPipeline(this.gpu, v);
+      const bindGroup = this.bind(pipeline, matvecBindings(v), { ...bufs, w: c.buffer }, label);
+      const g = matvecGrid(v);
+      return { pipeline, bindGroup, grid: () => g };
+    });
+  }
+
+  /** epilogue(W · x[t]) for each of the step's tokens. */
+  matmul(W: DenseMatrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
+    return W.chunks.map((c) => {
+      const e: Epilogue = epilogue.kind === "store"
+        ? { ...epilogue, offset: epilogue.offset + c.rowStart }
+        : epilogue;
+      const v = { format: W.format, rows: c.rows, K: W.K, epilogue: e };
+      const pipeline = matmulPipeline(this.gpu, v);
+      const bindGroup = this.bind(pipeline, matmulBindings(v), { ...bufs, w: c.buffer }, label);
+      return { pipeline, bindGroup, grid: (n: number) => matmulGrid(v, n) };
+    });
+  }
+
+  rmsnorm(dim: number, eps: number, bufs: Buffers): Dispatch {
+    const pipeline = rmsnormPipeline(this.gpu, { dim, eps });
+    const bindGroup = this.bind(pipeline, ["step", "x", "g", "y"], bufs, "rmsnorm");
+    return { pipeline, bindGroup, grid: rmsnormGrid };
+  }
+
+  embed(E: DenseMatrix): Dispatch[] {
+    return E.chunks.map((c) => {
+      const v = { format: E.format, dim: E.K, rowStart: c.rowStart, rows: c.rows };
+      const pipeline = embedPipeline(this.gpu, v);
+      const bindGroup = this.bind(pipeline, ["step", "tokens", "e", "x"], { e: c.buffer }, "embed");
+      return { pipeline, bindGroup, grid: (n: number) => embedGrid(v, n) };
+    });
+  }
+
+  attention(c: ModelConfig, l: number): Dispatch {
+    const v = { nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim, wg: this.gpu.isCpu ? 32 : 64 };
+    const pipeline = attentionPipeline(this.gpu, v);
+    const bufs = { kcache: this.state.kcache[l], vcache: this.state.vcache[l], out: this.state.att };
+    const bindGroup = this.bind(pipeline, ["step", "q", "kcache", "vcache", "out"], bufs, `attention.${l}`);
+    return { pipeline, bindGroup, grid: (n: number) => attentionGrid(v, n) };
+  }
+
+  sample(vocab: number): Dispatch {
+    const pipeline = samplePipeline(this.gpu, vocab);
+    const bindGroup = this.bind(pipeline, ["step", "logits", "tokens"], {}, "sample");
+    return { pipeline, bindGroup, grid: () => [1] };
+  }
+}
+
+export interface ForwardPlan {
+  /** One decode step: embed tokens[pos], all layers, logits, sample into tokens[pos + 1]. */
+  decode: Dispatch[];
+  /** Prefill of ntok tokens through all layers, leaving the residual stream in x. */
+  prefill: Dispatch[];
+  /** After prefill and a copy of x's last row into xlast: logits and sampling. */
+  prefillHead: Dispatch[];
+}
+
+export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunState): ForwardPlan {
+  const b = new Builder(gpu, s);
+  const eps = c.normEps;
+  const qkv: Epilogue = {
+    kind: "qkv",
+    nHeads: c.nHeads,
+    nKvHeads: c.nKvHeads,
+    headDim: c.headDim,
+    bias: c.qkvBias,
+  };
+  const gateup: Epilogue = { kind: "gateup", hidden: c.hiddenDim };
+  const logits: Epilogue = { kind: "store", offset: 0, ld: c.vocabSize };
+
+  const decode: Dispatch[] = [];
+  decode.push(...b.embed(w.embed)); // x = E[token]
+  w.layers.forEach((L, l) => {
+    const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
+    // q, k, v = rmsnorm(x) · Wqkv, RoPE, k and v into the cache
+    decode.push(...b.matvec(L.wqkv, qkv, { g: L.attnNorm, ...kv }, eps, `qkv.${l}`));
+    decode.push(b.attention(c, l)); // att = softmax(q·Kᵀ/√d) · V
+    decode.push(...b.matvec(L.wo, { kind: "add" }, { x: s.att, y: s.x }, null, `wo.${l}`)); // x += Wo·att
+    // h = silu(W1·rmsnorm(x)) * (W3·rmsnorm(x))
+    decode.push(...b.matvec(L.w13, gateup, { g: L.ffnNorm, y: s.h }, eps, `w13.${l}`));
+    decode.push(...b.matvec(L.w2, { kind: "add" }, { x: s.h, y: s.x }, null, `w2.${l}`)); // x += W2·h
+  });
+  // logits = rmsnorm(x) · Wcls; next token = sample(logits)
+  decode.push(...b.matvec(w.lmHead, logits, { g: w.norm, y: s.logits }, eps, "logits"));
+  decode.push(b.sample(c.vocabSize));
+
+  const prefill: Dispatch[] = [];
+  prefill.push(...b.embed(w.embed));
+  w.layers.forEach((L, l) => {
+    const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
+    prefill.push(b.rmsnorm(c.dim, eps, { x: s.x, g: L.attnNorm, y: s.xn }));
+    prefill.push(...b.matmul(L.wqkv, qkv, { x: s.xn, ...kv }, `qkv.${l}`));
+    prefill.push(b.attention(c, l));
+    prefill.push(...b.matmul(L.wo, { kind: "add" }, { x: s.att, y: s.x }, `wo.${l}`));
+    prefill.push(b.rmsnorm(c.dim, eps, { x: s.x, g: L.ffnNorm, y: s.xn }));
+    prefill.push(...b.matmul(L.w13, gateup, { x: s.xn, y: s.h }, `w13.${l}`));
+    prefill.push(...b.matmul(L.w2, { kind: "add" }, { x: s.h, y: s.x }, `w2.${l}`));
+  });
+  const prefillHead = [
+    ...b.matvec(w.lmHead, logits, { x: s.xlast, g: w.norm, y: s.logits }, eps, "logits"),
+    b.sample(c.vocabSize),
+  ];
+  return { decode, prefill, prefillHead };
+}
+
+/** After prefill: the logits of every token of the step into `out` (ntok, vocab). */
+export function buildAllLogits(
+  gpu: Gpu,
+  c: ModelConfig,
+  w: GpuWeights,
+  s: RunState,
+  out: GPUBuffer,
+): Dispatch[] {
+  const b = new Builder(gpu, s);
+  const logits: Epilogue = { kind: "store", offset: 0, ld: c.vocabSize };
+  return [
+    b.rmsnorm(c.dim, c.normEps, { x: s.x, g: w.norm, y: s.xn }),
+    ...b.matmul(w.lmHead, logits, { x: s.xn, y: out }, "logits_all"),
+  ];
+}

@@ -1,0 +1,31 @@
+/** Opens a model path (checkpoint and tokenizer) and loads it onto the GPU, with progress. */
+import { openCheckpoint } from "./open_checkpoint.ts";
+import { loadTokenizer } from "./load_tokenizer.ts";
+import { GpuModel, type LoadOptions } from "./model.ts";
+import type { Tokenizer } from "./tokenizer.ts";
+import { createGpu, type Gpu } from "../kernels/gpu.ts";
+import { progress } from "./cli.ts";
+
+export interface LoadedModel {
+  gpu: Gpu;
+  model: GpuModel;
+  tokenizer: Tokenizer;
+}
+
+export async function loadModel(
+  path: string,
+  opts: LoadOptions & { tokenizer?: string; gpu?: Gpu; quiet?: boolean } = {},
+): Promise<LoadedModel> {
+  const ckpt = await openCheckpoint(path);
+  try {
+    const tokenizer = await loadTokenizer(path, opts.tokenizer);
+    const gpu = opts.gpu ?? await createGpu();
+    const model = await GpuModel.load(gpu, ckpt, {
+      ...opts,
+      onProgress: opts.onProgress ?? (opts.quiet ? undefined : progress(`loading ${path}`)),
+    });
+    return { gpu, model, tokenizer };
+  } finally {
+    ckpt.close();
+  }
+}
