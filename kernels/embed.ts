@@ -4,7 +4,7 @@
  * table is split into row chunks (each within the binding limit); each chunk's dispatch copies
  * only the tokens that fall in it.
  */
-import { type DenseFormat, denseAccess, enableFor, STEP_WGSL } from "./common.ts";
+import { denseAccess, type DenseFormat, enableFor, STEP_WGSL } from "./common.ts";
 import type { Gpu } from "./gpu.ts";
 
 export interface EmbedVariant {

@@ -45,7 +45,13 @@ export class Gpu {
   /** A storage buffer holding `data` (padded to 16 bytes). */
   upload(label: string, data: ArrayBufferView, extraUsage = 0): GPUBuffer {
     const buf = this.buffer(label, data.byteLength, STORAGE | GPUBufferUsage.COPY_DST | extraUsage);
-    this.device.queue.writeBuffer(buf, 0, data.buffer, data.byteOffset, data.byteLength);
+    this.device.queue.writeBuffer(
+      buf,
+      0,
+      data.buffer as ArrayBuffer,
+      data.byteOffset,
+      data.byteLength,
+    );
     return buf;
   }
 

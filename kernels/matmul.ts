@@ -3,8 +3,15 @@
  * epilogue(t, W · x[t]). Each workgroup computes WG units for TT tokens; the tokens' inputs are
  * staged through workgroup memory KC values at a time, so each weight value loaded is used TT times.
  */
-import { type DenseFormat, denseAccess, enableFor, grid, STEP_WGSL } from "./common.ts";
-import { type Epilogue, epilogueBindings, epilogueKey, epilogueWgsl, isPair, unitCount } from "./epilogue.ts";
+import { denseAccess, type DenseFormat, enableFor, grid, STEP_WGSL } from "./common.ts";
+import {
+  type Epilogue,
+  epilogueBindings,
+  epilogueKey,
+  epilogueWgsl,
+  isPair,
+  unitCount,
+} from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
 
 export interface MatmulVariant {

@@ -5,8 +5,15 @@
  * Threads: `tpr` threads share a unit (they split K and reduce through workgroup memory), `upw`
  * units per workgroup. On a CPU adapter tpr = 1 (no barriers, one thread per row) is fastest.
  */
-import { type DenseFormat, denseAccess, enableFor, grid } from "./common.ts";
-import { type Epilogue, epilogueBindings, epilogueKey, epilogueWgsl, isPair, unitCount } from "./epilogue.ts";
+import { denseAccess, type DenseFormat, enableFor, grid } from "./common.ts";
+import {
+  type Epilogue,
+  epilogueBindings,
+  epilogueKey,
+  epilogueWgsl,
+  isPair,
+  unitCount,
+} from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
 
 export interface MatvecVariant {

@@ -30,7 +30,8 @@ export function progress(label: string): (done: number, total: number) => void {
     last = now;
     const pct = total > 0 ? ((100 * done) / total).toFixed(0) : "?";
     const line = `${label}: ${(done / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB (${pct}%)`;
-    if (tty) Deno.stderr.writeSync(new TextEncoder().encode(`\r${line}${done >= total ? "\n" : ""}`));
-    else if (done >= total) console.error(line);
+    if (tty) {
+      Deno.stderr.writeSync(new TextEncoder().encode(`\r${line}${done >= total ? "\n" : ""}`));
+    } else if (done >= total) console.error(line);
   };
 }

@@ -98,10 +98,24 @@ class Builder {
   }
 
   attention(c: ModelConfig, l: number): Dispatch {
-    const v = { nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim, wg: this.gpu.isCpu ? 32 : 64 };
+    const v = {
+      nHeads: c.nHeads,
+      nKvHeads: c.nKvHeads,
+      headDim: c.headDim,
+      wg: this.gpu.isCpu ? 32 : 64,
+    };
     const pipeline = attentionPipeline(this.gpu, v);
-    const bufs = { kcache: this.state.kcache[l], vcache: this.state.vcache[l], out: this.state.att };
-    const bindGroup = this.bind(pipeline, ["step", "q", "kcache", "vcache", "out"], bufs, `attention.${l}`);
+    const bufs = {
+      kcache: this.state.kcache[l],
+      vcache: this.state.vcache[l],
+      out: this.state.att,
+    };
+    const bindGroup = this.bind(
+      pipeline,
+      ["step", "q", "kcache", "vcache", "out"],
+      bufs,
+      `attention.${l}`,
+    );
     return { pipeline, bindGroup, grid: (n: number) => attentionGrid(v, n) };
   }
 

@@ -64,7 +64,10 @@ export async function* generate(
   const reads: Readback[] = [];
   const readback = (from: number, count: number) => (enc: GPUCommandEncoder) => {
     const staging = pool.pop() ??
-      device.createBuffer({ size: batch * 4, usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ });
+      device.createBuffer({
+        size: batch * 4,
+        usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+      });
     enc.copyBufferToBuffer(model.state.tokens, from * 4, staging, 0, count * 4);
     // mapAsync is called after the submit below, through `pending`
     pending = { from, count, staging, done: Promise.resolve() };
@@ -87,17 +90,22 @@ export async function* generate(
   let tFirst = 0;
   let finishReason: GenerateStats["finishReason"] = "length";
   try {
-    outer: while (reads.length > 0) {
+    outer: while (true) {
       while (reads.length < inflight && scheduled < maxNew) {
         const count = Math.min(batch, maxNew - scheduled);
         for (let j = 0; j < count; j++) {
-          model.decode(pos, req.sampling, j === count - 1 ? readback(pos + 2 - count, count) : undefined);
+          model.decode(
+            pos,
+            req.sampling,
+            j === count - 1 ? readback(pos + 2 - count, count) : undefined,
+          );
           pos++;
           scheduled++;
         }
         launch();
       }
-      const r = reads.shift()!;
+      const r = reads.shift();
+      if (!r) break;
       await r.done;
       const ids = new Uint32Array(r.staging.getMappedRange(0, r.count * 4).slice(0));
       r.staging.unmap();

@@ -51,7 +51,9 @@ async function main(args: string[]): Promise<void> {
   if (!a.model) throw new ParameterError(`--model is required\n${USAGE}`);
   const num = (name: string, v: string) => {
     const n = Number(v);
-    if (v.trim() === "" || !Number.isFinite(n)) throw new ParameterError(`--${name} must be a number; got "${v}"`);
+    if (v.trim() === "" || !Number.isFinite(n)) {
+      throw new ParameterError(`--${name} must be a number; got "${v}"`);
+    }
     return n;
   };
   const sampling = {
@@ -70,7 +72,9 @@ async function main(args: string[]): Promise<void> {
     dtype: a.dtype as "auto" | "f32" | "f16",
     ctx: a.ctx === undefined ? undefined : num("ctx", a.ctx),
   });
-  const text = a.chat ? tokenizer.applyChatTemplate([{ role: "user", content: a.prompt! }]) : a.prompt!;
+  const text = a.chat
+    ? tokenizer.applyChatTemplate([{ role: "user", content: a.prompt! }])
+    : a.prompt!;
   const prompt = tokenizer.encode(text, { bos: true });
   const dec = new StreamDecoder(tokenizer, prompt);
   const out = new TextEncoder();
@@ -85,7 +89,9 @@ async function main(args: string[]): Promise<void> {
   const s = r.value;
   const decodeTps = s.generatedTokens > 1 ? (s.generatedTokens - 1) / (s.decodeMs / 1000) : 0;
   console.error(
-    `prompt ${s.promptTokens} tok | prefill ${(s.promptTokens / (s.ttftMs / 1000)).toFixed(1)} tok/s | ` +
+    `prompt ${s.promptTokens} tok | prefill ${
+      (s.promptTokens / (s.ttftMs / 1000)).toFixed(1)
+    } tok/s | ` +
       `decode ${s.generatedTokens} tok at ${decodeTps.toFixed(1)} tok/s | ` +
       `ttft ${s.ttftMs.toFixed(1)} ms | ${s.finishReason} | ${gpu.adapterName}`,
   );

@@ -64,7 +64,13 @@ class Uploader {
   }
 
   write(buffer: GPUBuffer, offset: number, data: Float32Array | Float16Array): void {
-    this.gpu.device.queue.writeBuffer(buffer, offset, data.buffer, data.byteOffset, data.byteLength);
+    this.gpu.device.queue.writeBuffer(
+      buffer,
+      offset,
+      data.buffer as ArrayBuffer,
+      data.byteOffset,
+      data.byteLength,
+    );
     this.pending += data.byteLength;
     this.bytes += data.byteLength;
     this.onProgress(this.bytes, this.total);
@@ -98,7 +104,11 @@ class Uploader {
     const chunks: DenseMatrix["chunks"] = [];
     for (let r = 0; r < rows; r += maxRows) {
       const n = Math.min(maxRows, rows - r);
-      const buffer = this.gpu.buffer(`${label}[${r}]`, n * rowBytes, STORAGE | GPUBufferUsage.COPY_DST);
+      const buffer = this.gpu.buffer(
+        `${label}[${r}]`,
+        n * rowBytes,
+        STORAGE | GPUBufferUsage.COPY_DST,
+      );
       chunks.push({ rowStart: r, rows: n, buffer });
     }
     // copy each tensor in slices of rows, into whichever chunk holds them

@@ -9,7 +9,13 @@ import { ParameterError } from "./errors.ts";
 import type { SamplingParams as HostSamplingParams } from "./sampling.ts";
 import { type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.ts";
 import { createRunState, type RunState } from "./run_state.ts";
-import { buildAllLogits, buildForward, type Dispatch, encodeDispatches, type ForwardPlan } from "./forward.ts";
+import {
+  buildAllLogits,
+  buildForward,
+  type Dispatch,
+  encodeDispatches,
+  type ForwardPlan,
+} from "./forward.ts";
 import { type Gpu } from "../kernels/gpu.ts";
 import { packStep, type StepParams } from "../kernels/common.ts";
 
@@ -64,7 +70,9 @@ export class GpuModel {
   writeTokens(pos: number, ids: number[]): void {
     const bad = ids.find((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize);
     if (bad !== undefined) {
-      throw new ParameterError(`token id ${bad} is outside the vocabulary [0, ${this.config.vocabSize})`);
+      throw new ParameterError(
+        `token id ${bad} is outside the vocabulary [0, ${this.config.vocabSize})`,
+      );
     }
     this.gpu.device.queue.writeBuffer(this.state.tokens, pos * 4, new Uint32Array(ids));
   }
@@ -79,9 +87,16 @@ export class GpuModel {
    * `sampling` is given, samples the next token into tokens[pos + n]. Returns the command
    * buffers' submission (no wait). `extra` is encoded after the last step (e.g. a read-back copy).
    */
-  prefill(pos: number, n: number, sampling: SamplingParams | null, extra?: (e: GPUCommandEncoder) => void) {
+  prefill(
+    pos: number,
+    n: number,
+    sampling: SamplingParams | null,
+    extra?: (e: GPUCommandEncoder) => void,
+  ) {
     if (pos + n > this.ctx) {
-      throw new ParameterError(`prompt of ${n} tokens at position ${pos} exceeds the context of ${this.ctx}`);
+      throw new ParameterError(
+        `prompt of ${n} tokens at position ${pos} exceeds the context of ${this.ctx}`,
+      );
     }
     const { device } = this.gpu;
     for (let p = pos; p < pos + n; p += this.state.maxT) {
@@ -106,7 +121,9 @@ export class GpuModel {
 
   /** One decode step at `pos`: embeds tokens[pos], samples tokens[pos + 1]. No wait. */
   decode(pos: number, sampling: SamplingParams, extra?: (e: GPUCommandEncoder) => void): void {
-    if (pos >= this.ctx) throw new ParameterError(`position ${pos} is past the context of ${this.ctx}`);
+    if (pos >= this.ctx) {
+      throw new ParameterError(`position ${pos} is past the context of ${this.ctx}`);
+    }
     this.writeStep(pos, 1, sampling);
     const enc = this.gpu.device.createCommandEncoder();
     const pass = enc.beginComputePass();
@@ -119,7 +136,10 @@ export class GpuModel {
   /** Copies `bytes` from `src` and waits for them (tests, evaluation: not for hot loops). */
   async read(src: GPUBuffer, offset: number, bytes: number): Promise<ArrayBuffer> {
     const { device } = this.gpu;
-    const staging = device.createBuffer({ size: bytes, usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ });
+    const staging = device.createBuffer({
+      size: bytes,
+      usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+    });
     const enc = device.createCommandEncoder();
     enc.copyBufferToBuffer(src, offset, staging, 0, bytes);
     device.queue.submit([enc.finish()]);
@@ -146,8 +166,15 @@ export class GpuModel {
   async logitsAt(pos: number, ids: number[]): Promise<Float32Array> {
     const V = this.config.vocabSize, maxT = this.state.maxT;
     if (!this.allLogits) {
-      const buffer = this.gpu.buffer("logits_all", maxT * V * 4, GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC);
-      this.allLogits = { buffer, plan: buildAllLogits(this.gpu, this.config, this.weights, this.state, buffer) };
+      const buffer = this.gpu.buffer(
+        "logits_all",
+        maxT * V * 4,
+        GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC,
+      );
+      this.allLogits = {
+        buffer,
+        plan: buildAllLogits(this.gpu, this.config, this.weights, this.state, buffer),
+      };
     }
     this.writeTokens(pos, ids);
     const out = new Float32Array(ids.length * V);

@@ -1,0 +1,52 @@
+/** Shared test plumbing: paths into ../shared (skipping cleanly without it) and one GPU. */
+import { createGpu, type Gpu } from "../kernels/gpu.ts";
+
+/** Absolute path of `rel` under the shared data folder beside the project. */
+export function sharedPath(rel: string): string {
+  return new URL(`../../shared/${rel}`, import.meta.url).pathname;
+}
+
+/** Whether all these shared paths exist; tests that need them pass `ignore: !have`. */
+export async function haveShared(...rels: string[]): Promise<boolean> {
+  const ok = await Promise.all(
+    rels.map((r) => Deno.stat(sharedPath(r)).then(() => true, () => false)),
+  );
+  if (!ok.every(Boolean)) {
+    console.warn(`SKIPPED: needs ${rels.join(", ")} under ../shared, which is absent`);
+    return false;
+  }
+  return true;
+}
+
+let gpu: Promise<Gpu> | null = null;
+/** The process-wide test device (lavapipe in CI). */
+export function testGpu(): Promise<Gpu> {
+  gpu ??= createGpu();
+  return gpu;
+}
+
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let d = 0;
+  for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
+  return d;
+}
+
+/** A seeded generator of uniform numbers in [-1, 1) (mulberry32). */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
+  };
+}
+
+/** The greedy sample printed in stories260K.md (the code block after `-t 0.0`). */
+export async function stories260KGreedyText(): Promise<string> {
+  const md = await Deno.readTextFile(sharedPath("models/stories260K/stories260K.md"));
+  const m = /-t 0\.0\n([\s\S]*?)\n```/.exec(md);
+  if (!m) throw new Error("stories260K.md: no greedy sample after '-t 0.0'");
+  return m[1];
+}

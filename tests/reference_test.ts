@@ -1,0 +1,148 @@
+/** Tests of runtime/reference.ts on the real stories260K model and on synthetic models. */
+import { expectedShapes, tensorNames } from "../runtime/config.ts";
+import { ParameterError } from "../runtime/errors.ts";
+import { openCheckpoint } from "../runtime/open_checkpoint.ts";
+import { ReferenceModel } from "../runtime/reference.ts";
+import { argmax } from "../runtime/sampling.ts";
+import { syntheticConfig, syntheticTensor } from "./synthetic.ts";
+
+function assert(cond: unknown, msg: string): asserts cond {
+  if (!cond) throw new Error(msg);
+}
+function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let d = 0;
+  for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
+  return d;
+}
+
+const shared = (p: string) => new URL(`../../shared/models/${p}`, import.meta.url).pathname;
+const binPath = shared("stories260K/stories260K.bin"), hfDir = shared("stories260K-hf");
+const tokPath = shared("stories260K/tok512.bin");
+const cardPath = shared("stories260K/stories260K.md");
+const haveStories = await Promise.all([binPath, hfDir, tokPath, cardPath].map((p) => Deno.stat(p)))
+  .then(() => true, () => false);
+const skipNote = haveStories ? "" : " (SKIPPED: ../shared/models/stories260K* not found)";
+
+/** Decodes ids with a llama2.c tokenizer.bin as run.c does (no tokenizer module needed). */
+function decodeLlama2c(tokBytes: Uint8Array, ids: number[], vocabSize: number): string {
+  // int32 max_token_length, then per token: float32 score, int32 len, len bytes.
+  const view = new DataView(tokBytes.buffer, tokBytes.byteOffset, tokBytes.byteLength);
+  const pieces: Uint8Array[] = [];
+  let o = 4;
+  for (let i = 0; i < vocabSize; i++) {
+    const len = view.getInt32(o + 4, true);
+    pieces.push(tokBytes.subarray(o + 8, o + 8 + len));
+    o += 8 + len;
+  }
+  const out: number[] = [];
+  let prev = 1; // BOS
+  for (const id of ids) {
+    let piece = pieces[id];
+    const text = new TextDecoder().decode(piece);
+    const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(text);
+    if (byte) piece = Uint8Array.of(parseInt(byte[1], 16));
+    else if (prev === 1 && piece[0] === 0x20) piece = piece.subarray(1); // space after BOS
+    out.push(...piece);
+    prev = id;
+  }
+  return new TextDecoder().decode(Uint8Array.from(out));
+}
+
+Deno.test({
+  name: `stories260K: .bin and -hf give the same logits${skipNote}`,
+  ignore: !haveStories,
+  fn: async () => {
+    const [bin, hf] = await Promise.all([openCheckpoint(binPath), openCheckpoint(hfDir)]);
+    const a = await ReferenceModel.load(bin), b = await ReferenceModel.load(hf);
+    bin.close();
+    hf.close();
+    const tokens = [1, 403, 407, 261, 378, 3, 511, 42, 200, 13];
+    tokens.forEach((t, pos) => {
+      const la = a.forward(t, pos), lb = b.forward(t, pos);
+      const d = maxAbsDiff(la, lb);
+      assert(d < 1e-4, `position ${pos}: max |Δlogit| ${d}`);
+    });
+  },
+});
+
+Deno.test({
+  name: `stories260K: greedy generation reproduces llama2.c's documented text${skipNote}`,
+  ignore: !haveStories,
+  fn: async () => {
+    const ckpt = await openCheckpoint(binPath);
+    const model = await ReferenceModel.load(ckpt);
+    ckpt.close();
+    // run.c -t 0.0 with its default 256 steps: 256 generated tokens after BOS.
+    const ids: number[] = [];
+    let token = 1; // BOS
+    for (let pos = 0; pos < 256; pos++) {
+      token = argmax(model.forward(token, pos));
+      ids.push(token);
+    }
+    const tok = await Deno.readFile(tokPath);
+    const start = decodeLlama2c(tok, ids.slice(0, 40), 512);
+    const want =
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.";
+    assert(start.startsWith(want), `first 40 tokens: ${JSON.stringify(start)} (ids ${ids})`);
+    // The whole greedy sample quoted in the model card.
+    const card = await Deno.readTextFile(cardPath);
+    const documented = /-t 0\.0\n([\s\S]*?)\n```/.exec(card)?.[1];
+    assert(documented, "greedy sample not found in stories260K.md");
+    const text = decodeLlama2c(tok, ids, 512);
+    assert(text === documented, `256 tokens: ${JSON.stringify(text)}`);
+  },
+});
+
+/** Weights of `syntheticConfig(partial)` straight from the generator (float32). */
+function syntheticWeights(partial: Parameters<typeof syntheticConfig>[0], seed: number) {
+  const config = syntheticConfig(partial);
+  const weights = new Map<string, Float32Array>();
+  for (const [name, shape] of expectedShapes(config)) {
+    weights.set(name, syntheticTensor(name, shape, seed));
+  }
+  return { config, weights };
+}
+
+Deno.test("reference: tied equals untied with lm_head = embedding; biases and scaling run", () => {
+  const { config, weights } = syntheticWeights({ tiedEmbeddings: true, nLayers: 1 }, 11);
+  const untiedW = new Map(weights).set(tensorNames.lmHead, weights.get(tensorNames.embed)!);
+  const tied = new ReferenceModel(config, weights);
+  const untied = new ReferenceModel({ ...config, tiedEmbeddings: false }, untiedW);
+  for (const [pos, t] of [5, 17, 3].entries()) {
+    const d = maxAbsDiff(tied.forward(t, pos), untied.forward(t, pos));
+    assert(d === 0, `tied vs untied differ by ${d}`);
+  }
+  // Qwen2-style biases and llama3 scaling: finite logits, biases change them.
+  const ropeScaling = {
+    factor: 8,
+    lowFreqFactor: 1,
+    highFreqFactor: 4,
+    originalMaxPositionEmbeddings: 16,
+  };
+  const q = syntheticWeights({ qkvBias: true, nLayers: 1, ropeScaling }, 12);
+  const withBias = new ReferenceModel(q.config, q.weights).forward(7, 0);
+  assert(withBias.every(Number.isFinite), "non-finite logits");
+  const noBias = new ReferenceModel({ ...q.config, qkvBias: false }, q.weights).forward(7, 0);
+  assert(maxAbsDiff(withBias, noBias) > 1e-6, "q/k/v biases had no effect");
+});
+
+Deno.test("reference: KV cache rewind, reset and argument checks", () => {
+  const { config, weights } = syntheticWeights({ nLayers: 2 }, 13);
+  const m = new ReferenceModel(config, weights);
+  const first = [9, 4, 77].map((t, pos) => m.forward(t, pos));
+  // Rewinding to position 1 drops the later positions and recomputes identically.
+  const again = m.forward(4, 1);
+  assert(maxAbsDiff(again, first[1]) === 0, "rewind changed position 1");
+  assert(m.cachedPositions === 2, `cached ${m.cachedPositions}`);
+  m.reset();
+  assert(maxAbsDiff(m.forward(9, 0), first[0]) === 0, "reset did not restore position 0");
+  for (const [t, pos] of [[-1, 1], [config.vocabSize, 1], [3, 5]]) {
+    let err: unknown;
+    try {
+      m.forward(t, pos);
+    } catch (e) {
+      err = e;
+    }
+    assert(err instanceof ParameterError, `forward(${t}, ${pos}) did not throw ParameterError`);
+  }
+});
