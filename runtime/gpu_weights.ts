@@ -40,9 +40,9 @@ export interface GpuWeights {
 export type WeightDType = "f32" | "f16";
 
 /** Rows read per slice: bounds host memory for very large tensors. */
-const SLICE_BYTES = 32 << 20;
+const SLICE_BYTES = 8 << 20;
 /** Bytes written between waits for the queue, so wgpu's staging copies are freed. */
-const FLUSH_BYTES = 128 << 20;
+const FLUSH_BYTES = 32 << 20;
 
 class Uploader {
   pending = 0;

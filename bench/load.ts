@@ -1,0 +1,89 @@
+/**
+ * `deno task bench load`: loads a synthetic 1B-parameter F16 checkpoint (Llama-3.2-1B shape,
+ * written once to a cache folder) and reports the load time, the read rate, and the peak host
+ * memory beyond the GPU buffers (peak RSS minus the bytes held in GPU buffers, since lavapipe
+ * keeps those in host memory). The load runs in a fresh child process so its peak RSS is its own.
+ */
+import { parseArgs } from "node:util";
+import { openCheckpoint } from "../runtime/open_checkpoint.ts";
+import { GpuModel } from "../runtime/model.ts";
+import { createGpu } from "../kernels/gpu.ts";
+import { llama32_1bLikeConfig, writeSyntheticHfCheckpoint } from "../tests/synthetic.ts";
+import { recordResults, table, today } from "./results.ts";
+
+const MB = 1 << 20;
+
+function peakRss(): number {
+  const status = Deno.readTextFileSync("/proc/self/status");
+  const kb = Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? NaN);
+  return kb * 1024;
+}
+
+async function dirBytes(dir: string): Promise<number> {
+  let n = 0;
+  for await (const e of Deno.readDir(dir)) {
+    if (e.isFile) n += (await Deno.stat(`${dir}/${e.name}`)).size;
+  }
+  return n;
+}
+
+/** The child: load, then print one JSON line. */
+async function child(path: string): Promise<void> {
+  const gpu = await createGpu();
+  const t0 = performance.now();
+  const ckpt = await openCheckpoint(path);
+  const model = await GpuModel.load(gpu, ckpt, { ctx: 2048 });
+  await gpu.device.queue.onSubmittedWorkDone();
+  const seconds = (performance.now() - t0) / 1000;
+  ckpt.close();
+  const gpuBytes = model.weights.bytes + model.state.bytes;
+  console.log(JSON.stringify({ seconds, gpuBytes, peakRss: peakRss(), adapter: gpu.adapterName }));
+}
+
+export async function benchLoad(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      child: { type: "string" },
+      dir: { type: "string", default: "/tmp/lowbit-bench/llama-1b-f16" },
+    },
+  });
+  if (values.child) return await child(values.child);
+  const dir = values.dir!;
+  const have = await Deno.stat(`${dir}/config.json`).then(() => true, () => false);
+  if (!have) {
+    console.error(`writing a synthetic 1B F16 checkpoint to ${dir} (once)...`);
+    await writeSyntheticHfCheckpoint(dir, llama32_1bLikeConfig, {
+      dtype: "F16",
+      shards: 2,
+      seed: 1,
+    });
+  }
+  const fileBytes = await dirBytes(dir);
+  const cmd = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", new URL("./main.ts", import.meta.url).pathname, "load", "--child", dir],
+    stdout: "piped",
+    stderr: "inherit",
+  });
+  const out = await cmd.output();
+  if (!out.success) throw new Error("the load child failed");
+  const r = JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").pop()!);
+  const overhead = r.peakRss - r.gpuBytes;
+  const rows = [
+    ["checkpoint", `${(fileBytes / 1e9).toFixed(2)} GB F16, 2 shards`],
+    ["load time", `${r.seconds.toFixed(1)} s`],
+    ["read rate", `${(fileBytes / 1e9 / r.seconds).toFixed(2)} GB/s`],
+    ["GPU buffers", `${(r.gpuBytes / MB).toFixed(0)} MiB`],
+    ["peak RSS", `${(r.peakRss / MB).toFixed(0)} MiB`],
+    [
+      "host overhead (peak RSS − GPU buffers)",
+      `${(overhead / MB).toFixed(0)} MiB (target < 512 MiB)`,
+    ],
+  ];
+  for (const [k, v] of rows) console.log(`${k}: ${v}`);
+  await recordResults(
+    "load 1B F16",
+    r.adapter,
+    `${today()}\n\n${table(["figure", "value"], rows)}`,
+  );
+}

@@ -1,0 +1,24 @@
+/**
+ * `deno task bench NAME [options]`: runs one benchmark, prints its figures and records them in
+ * bench/RESULTS.md.
+ */
+import { runMain } from "../runtime/cli.ts";
+import { ParameterError } from "../runtime/errors.ts";
+import { benchDecode } from "./decode.ts";
+import { benchLoad } from "./load.ts";
+
+const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
+  decode: benchDecode,
+  load: benchLoad,
+};
+
+runMain(async () => {
+  const [name, ...rest] = Deno.args;
+  const bench = BENCHES[name];
+  if (!bench) {
+    throw new ParameterError(
+      `usage: deno task bench <${Object.keys(BENCHES).join("|")}> [options]`,
+    );
+  }
+  await bench(rest);
+});
