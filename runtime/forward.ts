@@ -4,7 +4,7 @@
  * kernels). Each reads top to bottom like llama2.c's `transformer()`.
  */
 import type { ModelConfig } from "./config.ts";
-import type { DenseMatrix, GpuWeights } from "./gpu_weights.ts";
+import type { DenseMatrix, GpuWeights, LayerWeights } from "./gpu_weights.ts";
 import type { RunState } from "./run_state.ts";
 import { type Gpu } from "../kernels/gpu.ts";
 import { embedGrid, embedPipeline } from "../kernels/embed.ts";
@@ -34,7 +34,7 @@ export function encodeDispatches(pass: GPUComputePassEncoder, list: Dispatch[], 
 type Buffers = Record<string, GPUBuffer>;
 
 /** Builds dispatches from pipelines and named buffers. */
-class Builder {
+export class Builder {
   constructor(readonly gpu: Gpu, readonly state: RunState) {}
 
   bind(pipeline: GPUComputePipeline, names: string[], bufs: Buffers, label: string): GPUBindGroup {
@@ -166,21 +166,37 @@ export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunStat
 
   const prefill: Dispatch[] = [];
   prefill.push(...b.embed(w.embed));
-  w.layers.forEach((L, l) => {
-    const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
-    prefill.push(b.rmsnorm(c.dim, eps, { x: s.x, g: L.attnNorm, y: s.xn }));
-    prefill.push(...b.matmul(L.wqkv, qkv, { x: s.xn, ...kv }, `qkv.${l}`));
-    prefill.push(b.attention(c, l));
-    prefill.push(...b.matmul(L.wo, { kind: "add" }, { x: s.att, y: s.x }, `wo.${l}`));
-    prefill.push(b.rmsnorm(c.dim, eps, { x: s.x, g: L.ffnNorm, y: s.xn }));
-    prefill.push(...b.matmul(L.w13, gateup, { x: s.xn, y: s.h }, `w13.${l}`));
-    prefill.push(...b.matmul(L.w2, { kind: "add" }, { x: s.h, y: s.x }, `w2.${l}`));
-  });
+  w.layers.forEach((L, l) => prefill.push(...layerStages(b, c, L, l).flat()));
   const prefillHead = [
     ...b.matvec(w.lmHead, logits, { x: s.xlast, g: w.norm, y: s.logits }, eps, "logits"),
     b.sample(c.vocabSize),
   ];
   return { decode, prefill, prefillHead };
+}
+
+/**
+ * One layer of the prefill, in its seven stages (each a list of dispatches): the quantizer runs
+ * prefixes of it to capture each linear layer's inputs.
+ */
+export function layerStages(b: Builder, c: ModelConfig, L: LayerWeights, l: number): Dispatch[][] {
+  const s = b.state, eps = c.normEps;
+  const qkv: Epilogue = {
+    kind: "qkv",
+    nHeads: c.nHeads,
+    nKvHeads: c.nKvHeads,
+    headDim: c.headDim,
+    bias: c.qkvBias,
+  };
+  const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
+  return [
+    [b.rmsnorm(c.dim, eps, { x: s.x, g: L.attnNorm, y: s.xn })], // xn = rmsnorm(x)
+    b.matmul(L.wqkv, qkv, { x: s.xn, ...kv }, `qkv.${l}`), // q, k, v = xn·Wqkv, RoPE, cache
+    [b.attention(c, l)], // att = softmax(q·Kᵀ/√d)·V
+    b.matmul(L.wo, { kind: "add" }, { x: s.att, y: s.x }, `wo.${l}`), // x += att·Woᵀ
+    [b.rmsnorm(c.dim, eps, { x: s.x, g: L.ffnNorm, y: s.xn })], // xn = rmsnorm(x)
+    b.matmul(L.w13, { kind: "gateup", hidden: c.hiddenDim }, { x: s.xn, y: s.h }, `w13.${l}`), // h = silu(g)·u
+    b.matmul(L.w2, { kind: "add" }, { x: s.h, y: s.x }, `w2.${l}`), // x += h·W2ᵀ
+  ];
 }
 
 /** After prefill: the logits of every token of the step into `out` (ntok, vocab). */
