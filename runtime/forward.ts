@@ -4,7 +4,8 @@
  * kernels). Each reads top to bottom like llama2.c's `transformer()`.
  */
 import type { ModelConfig } from "./config.ts";
-import type { DenseMatrix, GpuWeights, LayerWeights } from "./gpu_weights.ts";
+import type { DenseMatrix, GpuWeights, LayerWeights, Matrix } from "./gpu_weights.ts";
+import { UnsupportedModelError } from "./errors.ts";
 import type { RunState } from "./run_state.ts";
 import { type Gpu } from "../kernels/gpu.ts";
 import { embedGrid, embedPipeline } from "../kernels/embed.ts";
@@ -33,6 +34,13 @@ export function encodeDispatches(pass: GPUComputePassEncoder, list: Dispatch[], 
 
 type Buffers = Record<string, GPUBuffer>;
 
+function dense(W: Matrix): DenseMatrix {
+  if (W.format === "q") {
+    throw new UnsupportedModelError("packed low-bit kernels are not wired in yet");
+  }
+  return W;
+}
+
 /** Builds dispatches from pipelines and named buffers. */
 export class Builder {
   constructor(readonly gpu: Gpu, readonly state: RunState) {}
@@ -44,18 +52,19 @@ export class Builder {
 
   /** y = epilogue(W · x) for one token, with an optional fused RMSNorm (weight g). */
   matvec(
-    W: DenseMatrix,
+    W: Matrix,
     epilogue: Epilogue,
     bufs: Buffers,
     eps: number | null,
     label: string,
   ): Dispatch[] {
-    return W.chunks.map((c) => {
+    const D = dense(W);
+    return D.chunks.map((c) => {
       const e: Epilogue = epilogue.kind === "store"
         ? { ...epilogue, offset: epilogue.offset + c.rowStart }
         : epilogue;
       const v = {
-        format: W.format,
+        format: D.format,
         rows: c.rows,
         K: W.K,
         norm: eps === null ? null : { eps },
@@ -70,12 +79,13 @@ export class Builder {
   }
 
   /** epilogue(W · x[t]) for each of the step's tokens. */
-  matmul(W: DenseMatrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
-    return W.chunks.map((c) => {
+  matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
+    const D = dense(W);
+    return D.chunks.map((c) => {
       const e: Epilogue = epilogue.kind === "store"
         ? { ...epilogue, offset: epilogue.offset + c.rowStart }
         : epilogue;
-      const v = { format: W.format, rows: c.rows, K: W.K, epilogue: e };
+      const v = { format: D.format, rows: c.rows, K: D.K, epilogue: e };
       const pipeline = matmulPipeline(this.gpu, v);
       const bindGroup = this.bind(pipeline, matmulBindings(v), { ...bufs, w: c.buffer }, label);
       return { pipeline, bindGroup, grid: (n: number) => matmulGrid(v, n) };

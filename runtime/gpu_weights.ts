@@ -17,21 +17,33 @@ export interface DenseMatrix {
   chunks: { rowStart: number; rows: number; buffer: GPUBuffer }[];
 }
 
+/** A decoupleQ-packed matrix (layout in docs/FORMAT.md), split into row chunks likewise. */
+export interface PackedMatrix {
+  format: "q";
+  bits: 2 | 3 | 4;
+  groupSize: number; // 0 = one group per row
+  rows: number;
+  K: number;
+  chunks: { rowStart: number; rows: number; qweight: GPUBuffer; sz: GPUBuffer }[];
+}
+
+export type Matrix = DenseMatrix | PackedMatrix;
+
 export interface LayerWeights {
   attnNorm: GPUBuffer; // (dim) f32
-  wqkv: DenseMatrix; // (qDim + 2·kvDim, dim)
+  wqkv: Matrix; // (qDim + 2·kvDim, dim)
   bqkv: GPUBuffer | null; // (qDim + 2·kvDim) f32, Qwen2 only
-  wo: DenseMatrix; // (dim, qDim)
+  wo: Matrix; // (dim, qDim)
   ffnNorm: GPUBuffer; // (dim) f32
-  w13: DenseMatrix; // (2·hidden, dim): gate rows then up rows
-  w2: DenseMatrix; // (dim, hidden)
+  w13: Matrix; // (2·hidden, dim): gate rows then up rows
+  w2: Matrix; // (dim, hidden)
 }
 
 export interface GpuWeights {
   format: DenseFormat;
   embed: DenseMatrix; // (vocab, dim)
   norm: GPUBuffer; // (dim) f32
-  lmHead: DenseMatrix; // (vocab, dim); the embedding itself when tied
+  lmHead: Matrix; // (vocab, dim); the embedding itself when tied
   layers: LayerWeights[];
   /** Bytes held in GPU weight buffers. */
   bytes: number;
@@ -63,7 +75,7 @@ class Uploader {
     }
   }
 
-  write(buffer: GPUBuffer, offset: number, data: Float32Array | Float16Array): void {
+  write(buffer: GPUBuffer, offset: number, data: Float32Array | Float16Array | Uint32Array): void {
     this.gpu.device.queue.writeBuffer(
       buffer,
       offset,
@@ -90,51 +102,115 @@ class Uploader {
     return buf;
   }
 
+  /** Packed or dense, as the checkpoint stores the first of `names`. */
+  linear(label: string, names: string[]): Promise<Matrix> {
+    const info = this.ckpt.tensors.get(names[0])!;
+    return info.dtype === "Q" ? this.packed(label, names) : this.matrix(label, names);
+  }
+
+  /** Packed low-bit tensors stacked row-wise (rows are independent in the layout). */
+  async packed(label: string, names: string[]): Promise<PackedMatrix> {
+    const infos = names.map((n) => this.ckpt.tensors.get(n)!);
+    const { bits, groupSize } = infos[0].quant!;
+    const K = infos[0].shape[1];
+    for (const t of infos) {
+      if (
+        t.dtype !== "Q" || t.quant!.bits !== bits || t.quant!.groupSize !== groupSize ||
+        t.shape[1] !== K
+      ) {
+        throw new ShapeError(
+          `${label}: ${t.name} must be packed like ${names[0]} (${bits}-bit, group ${groupSize})`,
+        );
+      }
+    }
+    const rows = infos.reduce((a, t) => a + t.shape[0], 0);
+    const qWords = bits * Math.ceil(K / 32),
+      szWords = groupSize === 0 ? 1 : Math.ceil(K / groupSize);
+    const maxRows = Math.floor(this.gpu.maxBinding / (qWords * 4));
+    if (rows > maxRows) {
+      throw new GpuError(
+        `${label}: ${rows} packed rows exceed the adapter's binding limit of ${maxRows}`,
+      );
+    }
+    const usage = STORAGE | GPUBufferUsage.COPY_DST;
+    const qweight = this.gpu.buffer(`${label}.q`, rows * qWords * 4, usage);
+    const sz = this.gpu.buffer(`${label}.sz`, rows * szWords * 4, usage);
+    let r = 0;
+    for (const t of infos) {
+      const p = await this.ckpt.readPacked!(t.name);
+      this.write(qweight, r * qWords * 4, p.qweight);
+      this.write(sz, r * szWords * 4, p.sz);
+      r += t.shape[0];
+      await this.flushIfNeeded();
+    }
+    return { format: "q", bits, groupSize, rows, K, chunks: [{ rowStart: 0, rows, qweight, sz }] };
+  }
+
   /** A matrix made of the given tensors stacked row-wise, chunked to the binding limit. */
   async matrix(label: string, names: string[]): Promise<DenseMatrix> {
     const shapes = names.map((n) => this.ckpt.tensors.get(n)!.shape);
     const K = shapes[0][1];
-    if (K % 4 !== 0) {
-      throw new ShapeError(`${names[0]}: inner dimension ${K} is not a multiple of 4`);
-    }
-    const rows = shapes.reduce((a, s) => a + s[0], 0);
-    const rowBytes = K * bytesPer(this.format);
-    const maxRows = Math.floor(this.gpu.maxBinding / rowBytes);
-    if (maxRows < 1) throw new GpuError(`${label}: one row exceeds the adapter's binding limit`);
-    const chunks: DenseMatrix["chunks"] = [];
-    for (let r = 0; r < rows; r += maxRows) {
-      const n = Math.min(maxRows, rows - r);
-      const buffer = this.gpu.buffer(
-        `${label}[${r}]`,
-        n * rowBytes,
-        STORAGE | GPUBufferUsage.COPY_DST,
-      );
-      chunks.push({ rowStart: r, rows: n, buffer });
-    }
-    // copy each tensor in slices of rows, into whichever chunk holds them
+    const M = allocDense(this.gpu, label, shapes.reduce((a, s) => a + s[0], 0), K, this.format);
+    // copy each tensor in slices of rows
     const sliceRows = Math.max(1, Math.floor(SLICE_BYTES / (K * 4)));
     let dst = 0;
     for (let i = 0; i < names.length; i++) {
       const n = shapes[i][0];
       for (let r0 = 0; r0 < n; r0 += sliceRows) {
-        const r1 = Math.min(n, r0 + sliceRows);
-        const data = await this.ckpt.read(names[i], r0, r1);
-        const conv = this.format === "f32" ? data : new Float16Array(data);
-        // a slice may straddle two chunks
-        for (let r = r0; r < r1;) {
-          const row = dst + r;
-          const c = chunks[Math.floor(row / maxRows)];
-          const take = Math.min(r1 - r, c.rowStart + c.rows - row);
-          const sub = conv.subarray((r - r0) * K, (r - r0 + take) * K);
-          this.write(c.buffer, (row - c.rowStart) * rowBytes, sub);
-          r += take;
-        }
+        const data = await this.ckpt.read(names[i], r0, Math.min(n, r0 + sliceRows));
+        this.pending += writeDenseRows(this.gpu, M, dst + r0, data);
+        this.bytes += data.length * bytesPer(this.format);
+        this.onProgress(this.bytes, this.total);
         await this.flushIfNeeded();
       }
       dst += n;
     }
-    return { format: this.format, rows, K, chunks };
+    return M;
   }
+}
+
+/** A dense (rows, K) matrix in row chunks that each fit one binding; contents unset. */
+export function allocDense(
+  gpu: Gpu,
+  label: string,
+  rows: number,
+  K: number,
+  format: DenseFormat,
+): DenseMatrix {
+  if (K % 4 !== 0) throw new ShapeError(`${label}: inner dimension ${K} is not a multiple of 4`);
+  const rowBytes = K * bytesPer(format);
+  const maxRows = Math.floor(gpu.maxBinding / rowBytes);
+  if (maxRows < 1) throw new GpuError(`${label}: one row exceeds the adapter's binding limit`);
+  const chunks: DenseMatrix["chunks"] = [];
+  for (let r = 0; r < rows; r += maxRows) {
+    const n = Math.min(maxRows, rows - r);
+    const buffer = gpu.buffer(`${label}[${r}]`, n * rowBytes, STORAGE | GPUBufferUsage.COPY_DST);
+    chunks.push({ rowStart: r, rows: n, buffer });
+  }
+  return { format, rows, K, chunks };
+}
+
+/**
+ * Writes rows [row0, row0 + data.length / K) of a dense matrix from float32 values (converted to
+ * the matrix's format); a run of rows may straddle chunks. Returns the bytes queued.
+ */
+export function writeDenseRows(gpu: Gpu, M: DenseMatrix, row0: number, data: Float32Array): number {
+  const K = M.K, n = data.length / K, rowBytes = K * bytesPer(M.format);
+  const conv = M.format === "f32" ? data : new Float16Array(data);
+  for (let r = 0; r < n;) {
+    const c = M.chunks.find((c) => row0 + r < c.rowStart + c.rows)!;
+    const take = Math.min(n - r, c.rowStart + c.rows - (row0 + r));
+    const sub = conv.subarray(r * K, (r + take) * K);
+    gpu.device.queue.writeBuffer(
+      c.buffer,
+      (row0 + r - c.rowStart) * rowBytes,
+      sub.buffer as ArrayBuffer,
+      sub.byteOffset,
+      sub.byteLength,
+    );
+    r += take;
+  }
+  return conv.byteLength;
 }
 
 /** Uploads every weight of `ckpt`. `dtype` picks f32 or f16 storage for the matrices. */
@@ -149,7 +225,9 @@ export async function uploadWeights(
   let total = 0;
   for (const t of ckpt.tensors.values()) {
     if (t.name === T.lmHead && c.tiedEmbeddings) continue;
-    total += t.shape.reduce((a, b) => a * b, 1) * (t.shape.length === 1 ? 4 : bytesPer(format));
+    const n = t.shape.reduce((a, b) => a * b, 1);
+    total += n *
+      (t.dtype === "Q" ? t.quant!.bits / 8 : t.shape.length === 1 ? 4 : bytesPer(format));
   }
   const up = new Uploader(gpu, ckpt, format, onProgress, total);
   const embed = await up.matrix("embed", [T.embed]);
@@ -157,16 +235,16 @@ export async function uploadWeights(
   for (let l = 0; l < c.nLayers; l++) {
     layers.push({
       attnNorm: await up.vector(`attn_norm.${l}`, [T.attnNorm(l)]),
-      wqkv: await up.matrix(`wqkv.${l}`, [T.wq(l), T.wk(l), T.wv(l)]),
+      wqkv: await up.linear(`wqkv.${l}`, [T.wq(l), T.wk(l), T.wv(l)]),
       bqkv: c.qkvBias ? await up.vector(`bqkv.${l}`, [T.bq(l), T.bk(l), T.bv(l)]) : null,
-      wo: await up.matrix(`wo.${l}`, [T.wo(l)]),
+      wo: await up.linear(`wo.${l}`, [T.wo(l)]),
       ffnNorm: await up.vector(`ffn_norm.${l}`, [T.ffnNorm(l)]),
-      w13: await up.matrix(`w13.${l}`, [T.w1(l), T.w3(l)]),
-      w2: await up.matrix(`w2.${l}`, [T.w2(l)]),
+      w13: await up.linear(`w13.${l}`, [T.w1(l), T.w3(l)]),
+      w2: await up.linear(`w2.${l}`, [T.w2(l)]),
     });
   }
   const norm = await up.vector("norm", [T.norm]);
-  const lmHead = c.tiedEmbeddings ? embed : await up.matrix("lm_head", [T.lmHead]);
+  const lmHead = c.tiedEmbeddings ? embed : await up.linear("lm_head", [T.lmHead]);
   await up.flushIfNeeded(true);
   return { format, embed, norm, lmHead, layers, bytes: up.bytes };
 }
