@@ -42,6 +42,17 @@ export class Gpu {
     return this.device.createBuffer({ label, size: Math.max(16, align(size, 16)), usage });
   }
 
+  /** queue.writeBuffer of a typed array (any view over any buffer). */
+  write(buffer: GPUBuffer, offset: number, data: ArrayBufferView): void {
+    this.device.queue.writeBuffer(
+      buffer,
+      offset,
+      data.buffer as ArrayBuffer,
+      data.byteOffset,
+      data.byteLength,
+    );
+  }
+
   /** A storage buffer holding `data` (padded to 16 bytes). */
   upload(label: string, data: ArrayBufferView, extraUsage = 0): GPUBuffer {
     const buf = this.buffer(label, data.byteLength, STORAGE | GPUBufferUsage.COPY_DST | extraUsage);

@@ -28,7 +28,7 @@ export interface MatvecVariant {
 }
 
 export function matvecKey(v: MatvecVariant): string {
-  return `matvec_${v.format}_${v.rows}x${v.K}_${v.norm ? "n" : ""}${
+  return `matvec_${v.format}_${v.rows}x${v.K}_${v.norm ? `n${v.norm.eps}_` : ""}${
     epilogueKey(v.epilogue)
   }_t${v.tpr}u${v.upw}`;
 }

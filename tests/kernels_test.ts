@@ -1,0 +1,720 @@
+/**
+ * Every WGSL kernel against a plain float64 TypeScript reference, on odd shapes: units not a
+ * multiple of the workgroup size, K a multiple of 4 but not of 32, token counts not a multiple of
+ * the prefill token tile, pos ≠ 0, each dense format, both matvec thread shapes (one thread per
+ * unit as on CPUs, a split K as on GPUs: CI only has lavapipe, so both are checked here).
+ */
+import assert from "node:assert/strict";
+import type { DenseFormat } from "../kernels/common.ts";
+import type { Epilogue } from "../kernels/epilogue.ts";
+import {
+  matvecBindings,
+  matvecGrid,
+  matvecPipeline,
+  type MatvecVariant,
+} from "../kernels/matvec.ts";
+import {
+  matmulBindings,
+  matmulGrid,
+  matmulPipeline,
+  type MatmulVariant,
+} from "../kernels/matmul.ts";
+import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
+import { embedGrid, embedPipeline, type EmbedVariant } from "../kernels/embed.ts";
+import { attentionGrid, attentionPipeline, type AttentionVariant } from "../kernels/attention.ts";
+import { samplePipeline } from "../kernels/sample.ts";
+import { sample, type SamplingParams, uniform } from "../runtime/sampling.ts";
+import { rng, testGpu } from "./helpers.ts";
+import { Harness, type Job } from "./kernel_harness.ts";
+
+const gpu = await testGpu();
+const FORMATS: DenseFormat[] = gpu.shaderF16 ? ["f32", "f16", "f16p"] : ["f32", "f16p"];
+
+/** Largest error seen per kernel, relative to its tolerance scale (printed at the end). */
+const worst = new Map<string, number>();
+
+/**
+ * Asserts |got − want| ≤ tol · scale elementwise; where scale is 0 the value must be unchanged
+ * (bit-exact: untouched memory, copies). Records the largest relative error under `name`.
+ */
+function check(
+  name: string,
+  what: string,
+  got: Float32Array,
+  want: ArrayLike<number>,
+  scale: ArrayLike<number>,
+  tol: number,
+): void {
+  let m = 0;
+  for (let i = 0; i < want.length; i++) {
+    if (scale[i] === 0) {
+      if (!Object.is(got[i], Math.fround(want[i]))) {
+        assert.fail(`${what}: [${i}] = ${got[i]} should be left at ${want[i]}`);
+      }
+      continue;
+    }
+    const e = Math.abs(got[i] - want[i]) / scale[i];
+    if (!(e <= tol)) {
+      assert.fail(`${what}: [${i}] = ${got[i]}, want ${want[i]} (error ${e} × scale > ${tol})`);
+    }
+    m = Math.max(m, e);
+  }
+  worst.set(name, Math.max(worst.get(name) ?? 0, m));
+}
+
+function randArray(r: () => number, n: number, scale = 1, shift = 0): Float32Array {
+  const a = new Float32Array(n);
+  for (let i = 0; i < n; i++) a[i] = shift + scale * r();
+  return a;
+}
+
+/** The weights as the kernel sees them: f16 formats round to f16. */
+function asStored(w: Float32Array, format: DenseFormat): Float64Array {
+  return format === "f32" ? Float64Array.from(w) : Float64Array.from(w, (v) => Math.f16round(v));
+}
+
+function norm2(a: ArrayLike<number>, start = 0, n = a.length): number {
+  let s = 0;
+  for (let i = start; i < start + n; i++) s += a[i] * a[i];
+  return Math.sqrt(s);
+}
+
+const silu = (g: number) => g / (1 + Math.exp(-g));
+
+/** A rotate-half RoPE table (ctx, headDim/2) of (cos, sin), f32 as the runtime stores it. */
+function ropeTable(ctx: number, headDim: number): Float32Array {
+  const half = headDim / 2;
+  const t = new Float32Array(ctx * half * 2);
+  for (let p = 0; p < ctx; p++) {
+    for (let i = 0; i < half; i++) {
+      const f = 1 / Math.pow(10000, (2 * i) / headDim);
+      t[(p * half + i) * 2] = Math.cos(p * f);
+      t[(p * half + i) * 2 + 1] = Math.sin(p * f);
+    }
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// matvec and matmul with each epilogue
+// ---------------------------------------------------------------------------------------------
+
+type EpiCase =
+  | { kind: "store" }
+  | { kind: "add" }
+  | { kind: "gateup" }
+  | { kind: "qkv"; headDim: number; bias: boolean };
+
+const STORE_ROWS = 75, STORE_SPLIT = 40, STORE_BASE = 9, STORE_LD = 91;
+const HIDDEN = 37, NH = 6, NKV = 2;
+/** Relative tolerance of the linear kernels, in units of ||w_row||·||x||. */
+const LIN_TOL = 1e-5;
+
+interface LinearCase {
+  op: "matvec" | "matmul";
+  format: DenseFormat;
+  epi: EpiCase;
+  K: number;
+  ntok: number; // 1 for matvec
+  pos: number;
+  norm: number | null; // eps of the fused RMSNorm (matvec only)
+  tpr: number;
+  upw: number;
+  seed: number;
+}
+
+function describe(c: LinearCase): string {
+  const e = c.epi.kind === "qkv"
+    ? `qkv(hd ${c.epi.headDim}${c.epi.bias ? ", bias" : ""})`
+    : c.epi.kind;
+  const shape = c.op === "matvec" ? ` tpr ${c.tpr} upw ${c.upw}${c.norm ? " norm" : ""}` : "";
+  return `${c.op} ${c.format} ${e} K ${c.K} ntok ${c.ntok} pos ${c.pos}${shape}`;
+}
+
+async function runLinear(h: Harness, c: LinearCase): Promise<void> {
+  const r = rng(c.seed);
+  const what = describe(c);
+  const T = c.ntok, TA = T + 3; // tokens computed, token rows allocated (the rest must stay)
+  const { K, epi } = c;
+  const hd = epi.kind === "qkv" ? epi.headDim : 0, half = hd / 2;
+  const qd = NH * hd, kvd = NKV * hd;
+  const rows = epi.kind === "store" || epi.kind === "add"
+    ? STORE_ROWS
+    : epi.kind === "gateup"
+    ? 2 * HIDDEN
+    : qd + 2 * kvd;
+  const chunks: [number, number][] = epi.kind === "store"
+    ? [[0, STORE_SPLIT], [STORE_SPLIT, STORE_ROWS - STORE_SPLIT]]
+    : [[0, rows]];
+
+  const w = randArray(r, rows * K);
+  const wref = asStored(w, c.format);
+  const x = randArray(r, TA * K, 2);
+  const g = randArray(r, K, 0.5, 1);
+  // reference inputs (normalized when the RMSNorm is fused) and dot products
+  const pre: Float64Array[] = [], scale: Float64Array[] = [];
+  for (let t = 0; t < T; t++) {
+    const xt = Float64Array.from(x.subarray(t * K, (t + 1) * K));
+    if (c.norm !== null) {
+      const inv = 1 / Math.sqrt(norm2(xt) ** 2 / K + c.norm);
+      for (let k = 0; k < K; k++) xt[k] = xt[k] * g[k] * inv;
+    }
+    const nx = norm2(xt);
+    const p = new Float64Array(rows), s = new Float64Array(rows);
+    for (let row = 0; row < rows; row++) {
+      let acc = 0;
+      for (let k = 0; k < K; k++) acc += wref[row * K + k] * xt[k];
+      p[row] = acc;
+      s[row] = norm2(wref, row * K, K) * nx;
+    }
+    pre.push(p);
+    scale.push(s);
+  }
+
+  // output buffers: initial contents, expected contents, tolerance scales (0 = unchanged)
+  const outs: Record<string, { init: Float32Array; want: Float64Array; scale: Float64Array }> = {};
+  const out = (name: string, n: number) => {
+    const init = randArray(r, n, 10);
+    outs[name] = { init, want: Float64Array.from(init), scale: new Float64Array(n) };
+    return outs[name];
+  };
+  const extra: Record<string, Float32Array> = {};
+  let epilogue: Epilogue;
+  switch (epi.kind) {
+    case "store": {
+      epilogue = { kind: "store", offset: STORE_BASE, ld: STORE_LD };
+      const y = out("y", TA * STORE_LD);
+      for (let t = 0; t < T; t++) {
+        for (let u = 0; u < rows; u++) {
+          const i = t * STORE_LD + STORE_BASE + u;
+          y.want[i] = pre[t][u];
+          y.scale[i] = scale[t][u];
+        }
+      }
+      break;
+    }
+    case "add": {
+      epilogue = { kind: "add" };
+      const y = out("y", TA * rows);
+      for (let t = 0; t < T; t++) {
+        for (let u = 0; u < rows; u++) {
+          y.want[t * rows + u] += pre[t][u];
+          y.scale[t * rows + u] = scale[t][u] + Math.abs(y.init[t * rows + u]) * 1e-2;
+        }
+      }
+      break;
+    }
+    case "gateup": {
+      epilogue = { kind: "gateup", hidden: HIDDEN };
+      const y = out("y", TA * HIDDEN);
+      for (let t = 0; t < T; t++) {
+        for (let u = 0; u < HIDDEN; u++) {
+          const gate = pre[t][u], up = pre[t][u + HIDDEN];
+          y.want[t * HIDDEN + u] = silu(gate) * up;
+          y.scale[t * HIDDEN + u] = 1.1 * scale[t][u] * Math.abs(up) +
+            Math.abs(silu(gate)) * scale[t][u + HIDDEN] + 1e-30;
+        }
+      }
+      break;
+    }
+    case "qkv": {
+      epilogue = { kind: "qkv", nHeads: NH, nKvHeads: NKV, headDim: hd, bias: epi.bias };
+      const ctx = c.pos + T + 2;
+      const rope = ropeTable(ctx, hd);
+      extra.rope = rope;
+      const bias = randArray(r, rows);
+      if (epi.bias) extra.bias = bias;
+      const q = out("q", TA * qd), kc = out("kcache", ctx * kvd), vc = out("vcache", ctx * kvd);
+      for (let t = 0; t < T; t++) {
+        const p = c.pos + t;
+        for (let head = 0; head < NH + 2 * NKV; head++) {
+          for (let i = 0; i < half; i++) {
+            const ra = head * hd + i, rb = ra + half;
+            let a = pre[t][ra], b = pre[t][rb];
+            if (epi.bias) {
+              a += bias[ra];
+              b += bias[rb];
+            }
+            const s = scale[t][ra] + scale[t][rb];
+            let dst, o;
+            if (head < NH + NKV) {
+              const cs = rope[(p * half + i) * 2], sn = rope[(p * half + i) * 2 + 1];
+              [a, b] = [a * cs - b * sn, b * cs + a * sn];
+            }
+            if (head < NH) [dst, o] = [q, t * qd + head * hd + i];
+            else if (head < NH + NKV) [dst, o] = [kc, p * kvd + (head - NH) * hd + i];
+            else [dst, o] = [vc, p * kvd + (head - NH - NKV) * hd + i];
+            dst.want[o] = a;
+            dst.want[o + half] = b;
+            dst.scale[o] = dst.scale[o + half] = s;
+          }
+        }
+      }
+      break;
+    }
+  }
+
+  const bufs: Record<string, GPUBuffer> = {
+    step: h.step({ pos: c.pos, ntok: T }),
+    x: h.buffer(x),
+    g: h.buffer(g),
+  };
+  for (const [name, a] of Object.entries(extra)) bufs[name] = h.buffer(a);
+  for (const [name, o] of Object.entries(outs)) bufs[name] = h.buffer(o.init);
+  const jobs: Job[] = chunks.map(([start, n]) => {
+    const e: Epilogue = epilogue.kind === "store"
+      ? { ...epilogue, offset: epilogue.offset + start }
+      : epilogue;
+    const wbuf = h.weights(w.subarray(start * K, (start + n) * K), c.format);
+    if (c.op === "matvec") {
+      const v: MatvecVariant = {
+        format: c.format,
+        rows: n,
+        K,
+        norm: c.norm === null ? null : { eps: c.norm },
+        epilogue: e,
+        tpr: c.tpr,
+        upw: c.upw,
+      };
+      return {
+        pipeline: matvecPipeline(gpu, v),
+        names: matvecBindings(v),
+        bufs: { ...bufs, w: wbuf },
+        grid: matvecGrid(v),
+      };
+    }
+    const v: MatmulVariant = { format: c.format, rows: n, K, epilogue: e };
+    return {
+      pipeline: matmulPipeline(gpu, v),
+      names: matmulBindings(v),
+      bufs: { ...bufs, w: wbuf },
+      grid: matmulGrid(v, T),
+    };
+  });
+  h.run(...jobs);
+  for (const [name, o] of Object.entries(outs)) {
+    const got = await h.readF32(bufs[name], o.init.length);
+    check(`${c.op} ${c.format}`, `${what}: ${name}`, got, o.want, o.scale, LIN_TOL);
+  }
+  h.release();
+}
+
+const EPIS: EpiCase[] = [
+  { kind: "store" },
+  { kind: "add" },
+  { kind: "gateup" },
+  { kind: "qkv", headDim: 8, bias: false },
+  { kind: "qkv", headDim: 12, bias: true },
+];
+/** Thread shapes: one thread per unit (lavapipe), and split K (discrete GPUs). */
+const SHAPES = [{ tpr: 1, upw: 64 }, { tpr: 32, upw: 8 }, { tpr: 64, upw: 4 }];
+
+for (const format of FORMATS) {
+  Deno.test(`matvec ${format}: every epilogue × fused norm × thread shape`, async () => {
+    const h = new Harness(gpu);
+    let seed = 100;
+    for (const epi of EPIS) {
+      for (const [si, shape] of SHAPES.entries()) {
+        for (const norm of [null, 1e-5]) {
+          // K: 148 = 4·37 and 172 = 4·43 (not multiples of 32), 548 = 4·137 for long K loops
+          const K = [148, 172, 548][(si + (norm ? 1 : 0)) % 3];
+          await runLinear(h, {
+            op: "matvec",
+            format,
+            epi,
+            K,
+            ntok: 1,
+            pos: 7 + si,
+            norm,
+            ...shape,
+            seed: seed++,
+          });
+        }
+      }
+    }
+  });
+
+  Deno.test(`matmul ${format}: every epilogue, ntok 1, 3, 8, 13 at pos ≠ 0`, async () => {
+    const h = new Harness(gpu);
+    let seed = 200;
+    for (const epi of EPIS) {
+      for (const ntok of [1, 3, 8, 13]) {
+        // K 332 = 4·83: the inputs are staged 64 vec4s at a time, so this takes two rounds
+        const K = ntok % 2 ? 332 : 148;
+        await runLinear(h, {
+          op: "matmul",
+          format,
+          epi,
+          K,
+          ntok,
+          pos: 5 + ntok,
+          norm: null,
+          tpr: 0,
+          upw: 0,
+          seed: seed++,
+        });
+      }
+    }
+  });
+}
+
+Deno.test("matvec: fused-norm variants that differ only in eps are distinct pipelines", async () => {
+  const h = new Harness(gpu);
+  for (const eps of [1e-5, 0.5]) {
+    await runLinear(h, {
+      op: "matvec",
+      format: "f32",
+      epi: { kind: "add" },
+      K: 148,
+      ntok: 1,
+      pos: 0,
+      norm: eps,
+      tpr: 1,
+      upw: 64,
+      seed: 300,
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// rmsnorm
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("rmsnorm over ntok rows", async () => {
+  const h = new Harness(gpu);
+  let seed = 400;
+  for (const [dim, eps] of [[148, 1e-5], [1204, 0.05]]) {
+    for (const ntok of [1, 3, 13]) {
+      const r = rng(seed++);
+      const TA = ntok + 2;
+      const x = randArray(r, TA * dim, 0.3), g = randArray(r, dim, 0.5, 1);
+      const y0 = randArray(r, TA * dim, 10);
+      const want = Float64Array.from(y0), scale = new Float64Array(TA * dim);
+      for (let t = 0; t < ntok; t++) {
+        const inv = 1 / Math.sqrt(norm2(x, t * dim, dim) ** 2 / dim + eps);
+        for (let i = 0; i < dim; i++) {
+          want[t * dim + i] = x[t * dim + i] * g[i] * inv;
+          scale[t * dim + i] = Math.abs(want[t * dim + i]) + 1e-6;
+        }
+      }
+      const bufs = {
+        step: h.step({ pos: 3, ntok }),
+        x: h.buffer(x),
+        g: h.buffer(g),
+        y: h.buffer(y0),
+      };
+      h.run({
+        pipeline: rmsnormPipeline(gpu, { dim, eps }),
+        names: ["step", "x", "g", "y"],
+        bufs,
+        grid: rmsnormGrid(ntok),
+      });
+      const got = await h.readF32(bufs.y, TA * dim);
+      check("rmsnorm", `rmsnorm dim ${dim} ntok ${ntok}`, got, want, scale, 1e-5);
+      h.release();
+    }
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// embed
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("embed: chunked table, tokens inside and outside each chunk", async () => {
+  const h = new Harness(gpu);
+  const vocab = 80, split = 50;
+  for (const format of FORMATS) {
+    for (const dim of [148, 280]) {
+      const r = rng(500 + dim);
+      const table = randArray(r, vocab * dim);
+      const stored = asStored(table, format);
+      const pos = 4;
+      const toks = [50, 49, 79, 0, 80, 63, 200]; // 80 and 200 lie outside both chunks
+      const ntok = toks.length, TA = ntok + 2;
+      const tokens = new Uint32Array(pos + TA).fill(7);
+      tokens.set(toks, pos);
+      const x0 = randArray(r, TA * dim, 10);
+      const bufs = {
+        step: h.step({ pos, ntok }),
+        tokens: h.buffer(tokens),
+        x: h.buffer(x0),
+      };
+      const want = Float64Array.from(x0), unchanged = new Float64Array(TA * dim);
+      for (const [rowStart, rows] of [[split, vocab - split], [0, split]]) {
+        const v: EmbedVariant = { format, dim, rowStart, rows };
+        h.run({
+          pipeline: embedPipeline(gpu, v),
+          names: ["step", "tokens", "e", "x"],
+          bufs: {
+            ...bufs,
+            e: h.weights(table.subarray(rowStart * dim, (rowStart + rows) * dim), format),
+          },
+          grid: embedGrid(v, ntok),
+        });
+        toks.forEach((tok, t) => {
+          if (tok < rowStart || tok >= rowStart + rows) return;
+          for (let i = 0; i < dim; i++) want[t * dim + i] = stored[tok * dim + i];
+        });
+        const got = await h.readF32(bufs.x, TA * dim);
+        check("embed", `embed ${format} dim ${dim} chunk @${rowStart}`, got, want, unchanged, 0);
+      }
+      h.release();
+    }
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// attention
+// ---------------------------------------------------------------------------------------------
+
+function attentionRef(
+  v: AttentionVariant,
+  q: Float32Array,
+  kc: Float32Array,
+  vc: Float32Array,
+  pos: number,
+  ntok: number,
+): Float64Array {
+  const { nHeads, nKvHeads, headDim: hd } = v;
+  const qd = nHeads * hd, kvd = nKvHeads * hd, group = nHeads / nKvHeads;
+  const out = new Float64Array(ntok * qd);
+  for (let t = 0; t < ntok; t++) {
+    const len = pos + t + 1;
+    for (let hh = 0; hh < nHeads; hh++) {
+      const ko = Math.floor(hh / group) * hd;
+      const s = new Float64Array(len);
+      let max = -Infinity;
+      for (let j = 0; j < len; j++) {
+        let a = 0;
+        for (let d = 0; d < hd; d++) a += q[t * qd + hh * hd + d] * kc[j * kvd + ko + d];
+        s[j] = a / Math.sqrt(hd);
+        max = Math.max(max, s[j]);
+      }
+      let sum = 0;
+      for (let j = 0; j < len; j++) sum += s[j] = Math.exp(s[j] - max);
+      for (let d = 0; d < hd; d++) {
+        let a = 0;
+        for (let j = 0; j < len; j++) a += s[j] * vc[j * kvd + ko + d];
+        out[t * qd + hh * hd + d] = a / sum;
+      }
+    }
+  }
+  return out;
+}
+
+Deno.test("attention: causal GQA, online softmax across chunks", async () => {
+  const h = new Harness(gpu);
+  const heads = [
+    { nHeads: 6, nKvHeads: 2, headDim: 12 },
+    { nHeads: 4, nKvHeads: 1, headDim: 48 }, // headDim > wg 32
+  ];
+  let seed = 600;
+  for (const hs of heads) {
+    for (const wg of [32, 64]) {
+      const v: AttentionVariant = { ...hs, wg };
+      // pos + ntok = 100 crosses chunks of 32 and 64; (3, 5) stays within one chunk
+      for (const [pos, ntok] of [[99, 1], [95, 5], [60, 40], [3, 5]]) {
+        const r = rng(seed++);
+        const qd = v.nHeads * v.headDim, kvd = v.nKvHeads * v.headDim;
+        const ctx = pos + ntok + 3;
+        const q = randArray(r, (ntok + 1) * qd, 2.5);
+        const kc = randArray(r, ctx * kvd), vc = randArray(r, ctx * kvd);
+        // positions past the step's last token hold garbage a causal kernel never reads
+        for (let i = (pos + ntok) * kvd; i < ctx * kvd; i++) kc[i] = vc[i] = 1e4;
+        const o0 = randArray(r, (ntok + 1) * qd, 10);
+        const bufs = {
+          step: h.step({ pos, ntok }),
+          q: h.buffer(q),
+          kcache: h.buffer(kc),
+          vcache: h.buffer(vc),
+          out: h.buffer(o0),
+        };
+        h.run({
+          pipeline: attentionPipeline(gpu, v),
+          names: ["step", "q", "kcache", "vcache", "out"],
+          bufs,
+          grid: attentionGrid(v, ntok),
+        });
+        const ref = attentionRef(v, q, kc, vc, pos, ntok);
+        const want = Float64Array.from(o0), scale = new Float64Array(o0.length);
+        want.set(ref);
+        scale.fill(1, 0, ref.length); // values in [-1, 1): absolute error
+        const got = await h.readF32(bufs.out, o0.length);
+        const what = `attention ${hs.nHeads}/${hs.nKvHeads}×${hs.headDim} wg ${wg} ` +
+          `pos ${pos} ntok ${ntok}`;
+        check("attention", what, got, want, scale, 1e-5);
+        h.release();
+      }
+    }
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// sample
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("sample: temperature 0 is argmax with ties to the lowest index", async () => {
+  const h = new Harness(gpu);
+  for (const vocab of [512, 1000]) {
+    const r = rng(700 + vocab);
+    // pairs of tied maxima: same thread (i, i + 256), and the higher index on a lower lane
+    const ties = [[5, 261], [250, 260], [300, 700], [1, 511]];
+    const jobs: Job[] = [];
+    const want: number[] = [];
+    const tokens = h.buffer(new Uint32Array(64).fill(0xffffffff));
+    const logitBufs = ties.map(([a, b], j) => {
+      const l = randArray(r, vocab, 3, -5);
+      l[a] = l[b] = 1.5;
+      want.push(Math.min(a, b));
+      return { buf: h.buffer(l), out: 2 * j + 1 + (j % 2) };
+    });
+    // all negative, distinct maximum
+    const neg = randArray(r, vocab, 1, -50);
+    neg[vocab - 3] = -40;
+    want.push(vocab - 3);
+    logitBufs.push({ buf: h.buffer(neg), out: 20 });
+    logitBufs.forEach(({ buf, out }, j) => {
+      const ntok = 1 + (j % 2);
+      jobs.push({
+        pipeline: samplePipeline(gpu, vocab),
+        names: ["step", "logits", "tokens"],
+        bufs: { step: h.step({ pos: out - ntok, ntok, seed: j, topK: 3 }), logits: buf, tokens },
+        grid: [1],
+      });
+    });
+    h.run(...jobs);
+    const got = await h.readU32(tokens, 64);
+    logitBufs.forEach(({ out }, j) => assert.equal(got[out], want[j], `vocab ${vocab} case ${j}`));
+    for (let i = 0; i < 64; i++) {
+      if (!logitBufs.some((b) => b.out === i)) assert.equal(got[i], 0xffffffff, `tokens[${i}]`);
+    }
+    h.release();
+  }
+});
+
+/** Logits with distinct values at least 0.05 apart, in random index order. */
+function separatedLogits(r: () => number, vocab: number): Float32Array {
+  const vals: number[] = [];
+  let v = 4;
+  for (let i = 0; i < vocab; i++) {
+    vals.push(v);
+    v -= 0.06 + 0.05 * (r() + 1);
+  }
+  for (let i = vocab - 1; i > 0; i--) {
+    const j = Math.floor(((r() + 1) / 2) * (i + 1));
+    [vals[i], vals[j]] = [vals[j], vals[i]];
+  }
+  return Float32Array.from(vals);
+}
+
+/** The probabilities sample() uses, unnormalized. */
+function probs(logits: Float32Array, T: number): Float64Array {
+  let max = -Infinity;
+  for (const l of logits) max = Math.max(max, l);
+  return Float64Array.from(logits, (l) => Math.exp((l - max) / T));
+}
+
+/**
+ * A top-p value that keeps the m largest p: halfway between the cumulative masses of the m and
+ * m + 1 largest, or, given `delta`, the m-prefix mass (as a fraction of the total) plus delta
+ * (a narrow margin: delta < 0 keeps m tokens, delta > 0 keeps m + 1).
+ */
+function topPAt(p: Float64Array, m: number, delta?: number): number {
+  const sorted = p.slice().sort().reverse();
+  const total = sorted.reduce((a, b) => a + b, 0);
+  let c = 0;
+  for (let j = 0; j < m; j++) c += sorted[j];
+  return delta === undefined ? (c + sorted[m] / 2) / total : c / total + delta;
+}
+
+/** Whether r = u·kept lies within 1e-4·kept of a cumulative sum of the index-order walk. */
+function nearBoundary(p: Float64Array, params: SamplingParams, u: number): boolean {
+  const sorted = p.slice().sort().reverse();
+  const total = sorted.reduce((a, b) => a + b, 0);
+  let t = 0;
+  if (params.topK > 0 && params.topK < p.length) t = sorted[params.topK - 1];
+  if (params.topP < 1) {
+    let acc = 0;
+    for (let j = 0; j < p.length; j++) {
+      acc += sorted[j];
+      assert.ok(Math.abs(acc - params.topP * total) > 1e-4 * total, "top-p cut too close");
+      if (acc >= params.topP * total) {
+        t = Math.max(t, sorted[j]);
+        break;
+      }
+    }
+  }
+  let kept = 0;
+  for (const x of p) if (x >= t) kept += x;
+  const rr = u * kept;
+  let cum = 0;
+  for (const x of p) {
+    if (x < t) continue;
+    cum += x;
+    if (Math.abs(cum - rr) < 1e-4 * kept) return true;
+  }
+  return false;
+}
+
+Deno.test("sample: temperature, top-k and top-p match the CPU sampler", async () => {
+  const h = new Harness(gpu);
+  const SEEDS = 32;
+  for (const vocab of [512, 1000]) {
+    const logits = separatedLogits(rng(800 + vocab), vocab);
+    const logitsBuf = h.buffer(logits);
+    for (const T of [0.6, 1, 1.4]) {
+      const p = probs(logits, T);
+      const combos = [
+        { topK: 0, topP: 1 },
+        { topK: 1, topP: 1 },
+        { topK: 7, topP: 1 },
+        { topK: vocab + 5, topP: 1 }, // off
+        { topK: 0, topP: topPAt(p, 4) },
+        { topK: 0, topP: topPAt(p, 11) },
+        // narrow margins (1e-3 of the mass) on either side of a cut
+        { topK: 0, topP: topPAt(p, 3, -1e-3) },
+        { topK: 0, topP: topPAt(p, 2, 1e-3) },
+        { topK: 6, topP: topPAt(p, 9) }, // top-k is the tighter
+        { topK: 20, topP: topPAt(p, 3) }, // top-p is the tighter
+      ];
+      for (const { topK, topP } of combos) {
+        const params = { temperature: T, topK, topP };
+        const tokens = h.buffer(new Uint32Array(4 * SEEDS + 8).fill(0xffffffff));
+        const jobs: Job[] = [], outs: number[] = [], want: number[] = [];
+        for (let j = 0; j < SEEDS; j++) {
+          const seed = (0x9e3779b9 * (j + 1) + vocab) >>> 0;
+          const ntok = 1 + (j % 3), pos = 4 * j + 1;
+          const u = uniform(seed, pos + ntok);
+          if (nearBoundary(p, params, u)) continue;
+          outs.push(pos + ntok);
+          want.push(sample(logits, params, u));
+          jobs.push({
+            pipeline: samplePipeline(gpu, vocab),
+            names: ["step", "logits", "tokens"],
+            bufs: {
+              step: h.step({ pos, ntok, seed, topK, temperature: T, topP }),
+              logits: logitsBuf,
+              tokens,
+            },
+            grid: [1],
+          });
+        }
+        assert.ok(jobs.length >= SEEDS * 0.9, `too many seeds skipped: ${jobs.length}`);
+        h.run(...jobs);
+        const got = await h.readU32(tokens, 4 * SEEDS + 8);
+        const what = `vocab ${vocab} T ${T} topK ${topK} topP ${topP.toFixed(4)}`;
+        outs.forEach((o, j) => assert.equal(got[o], want[j], `${what}: seed #${j}`));
+        for (let i = 0; i < got.length; i++) {
+          if (!outs.includes(i)) assert.equal(got[i], 0xffffffff, `${what}: tokens[${i}]`);
+        }
+        const distinct = new Set(want).size;
+        if (topK !== 1) assert.ok(distinct >= 3, `${what}: only ${distinct} distinct tokens`);
+      }
+    }
+    h.release();
+  }
+});
+
+Deno.test("kernels: largest errors (relative to the tolerance scale)", () => {
+  for (const [k, v] of worst) console.log(`  ${k}: ${v.toExponential(2)}`);
+});
