@@ -80,7 +80,13 @@ export class Engine {
       while (true) {
         if (job.signal?.aborted) {
           await it.return(undefined as never);
-          return { promptTokens: job.prompt.length, generatedTokens: 0, ttftMs: 0, decodeMs: 0, finishReason: "stop" };
+          return {
+            promptTokens: job.prompt.length,
+            generatedTokens: 0,
+            ttftMs: 0,
+            decodeMs: 0,
+            finishReason: "stop",
+          };
         }
         this.options.onStep?.([id]);
         const r = await it.next();

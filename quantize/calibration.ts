@@ -1,0 +1,41 @@
+/** Calibration sequences from a text file: one or more per line, BOS first. */
+import type { Tokenizer } from "../runtime/tokenizer.ts";
+import { ParameterError } from "../runtime/errors.ts";
+import { pcgHash } from "../runtime/sampling.ts";
+
+export interface CalibrationOptions {
+  /** Tokens per sequence, BOS included. */
+  seqLen: number;
+  /** Sequences to keep (0 = all); chosen at random (seeded) when there are more. */
+  samples: number;
+  seed: number;
+}
+
+/**
+ * Each non-empty line is tokenized and split into chunks of seqLen − 1 tokens, each with BOS
+ * in front (as the stories260K reference: BOS per line, 511-token chunks); `samples` of them
+ * are kept, in file order.
+ */
+export function calibrationSequences(
+  tok: Tokenizer,
+  text: string,
+  o: CalibrationOptions,
+): number[][] {
+  if (!Number.isInteger(o.seqLen) || o.seqLen < 2) {
+    throw new ParameterError(`calibration sequence length must be an integer ≥ 2; got ${o.seqLen}`);
+  }
+  const seqs: number[][] = [];
+  for (const line of text.split("\n")) {
+    if (line.trim() === "") continue;
+    const ids = tok.encode(line, { bos: false });
+    for (let i = 0; i < ids.length; i += o.seqLen - 1) {
+      seqs.push([tok.bosId, ...ids.slice(i, i + o.seqLen - 1)]);
+    }
+  }
+  if (seqs.length === 0) throw new ParameterError("the calibration text has no non-empty line");
+  if (o.samples <= 0 || o.samples >= seqs.length) return seqs;
+  // seeded selection without replacement: sort by hash, keep the first `samples`, in file order
+  const keys = seqs.map((_, i) => pcgHash(pcgHash(o.seed) ^ i));
+  const keep = seqs.map((_, i) => i).sort((a, b) => keys[a] - keys[b]).slice(0, o.samples);
+  return keep.sort((a, b) => a - b).map((i) => seqs[i]);
+}

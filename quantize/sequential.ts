@@ -1,0 +1,140 @@
+/**
+ * Sequential quantization through the model, as GPTQ's `llama_sequential`: block by block, and
+ * inside a block q/k/v, then o, then gate/up, then down, each calibrated on the inputs produced
+ * by the layers before it already quantized (forward passes on the GPU, Hessians on the host).
+ * Only one block's weights and activations are held at a time.
+ */
+import type { Checkpoint } from "../runtime/checkpoint.ts";
+import { tensorNames as T } from "../runtime/config.ts";
+import type { Gpu } from "../kernels/gpu.ts";
+import { BlockRunner, CAPTURE, type Capture, linearName } from "./block_runner.ts";
+import { calibratedLayer, Hessian, layerLoss } from "./hessian.ts";
+import { type Bits, dequantize, type QuantizedLinear } from "./qtensor.ts";
+import { diagonal, rtnQuantize } from "./rtn.ts";
+import { gptqQuantize } from "./gptq.ts";
+import { decoupleQ } from "./decoupleq.ts";
+
+export type Method = "rtn" | "gptq" | "decoupleq";
+
+export interface SequentialOptions {
+  method: Method;
+  bits: Bits;
+  groupSize: number; // 0 = per row
+  /** decoupleQ alternations. */
+  iters?: number;
+  /** Also measure the RTN and GPTQ losses of every layer for the report (default true). */
+  compare?: boolean;
+  percdamp?: number;
+  log?: (line: string) => void;
+}
+
+export interface LayerReport {
+  layer: number;
+  name: string; // canonical tensor name
+  N: number;
+  K: number;
+  ms: number;
+  /** Relative loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of each method measured. */
+  loss: Partial<Record<Method, number>>;
+}
+
+/** Where each quantized layer goes (the model file writer). */
+export type Sink = (name: string, ql: QuantizedLinear) => Promise<void>;
+
+const GROUPS: { capture: Capture; keys: string[] }[] = [
+  { capture: CAPTURE.qkvInput, keys: ["wq", "wk", "wv"] },
+  { capture: CAPTURE.oInput, keys: ["wo"] },
+  { capture: CAPTURE.gateUpInput, keys: ["w1", "w3"] },
+  { capture: CAPTURE.downInput, keys: ["w2"] },
+];
+
+/** Embedding rows of each calibration sequence: the first block's inputs. */
+async function embedInputs(ckpt: Checkpoint, seqs: number[][]): Promise<Float32Array[]> {
+  const dim = ckpt.config.dim;
+  const rows = new Map<number, Float32Array>();
+  for (const id of new Set(seqs.flat()).values()) {
+    rows.set(id, await ckpt.read(T.embed, id, id + 1));
+  }
+  return seqs.map((s) => {
+    const x = new Float32Array(s.length * dim);
+    s.forEach((id, t) => x.set(rows.get(id)!, t * dim));
+    return x;
+  });
+}
+
+/** Quantizes one linear layer under H with the chosen method (and the others, to compare). */
+function quantizeLinear(
+  W: Float32Array,
+  N: number,
+  K: number,
+  hessian: Hessian,
+  opts: SequentialOptions,
+): { ql: QuantizedLinear; loss: LayerReport["loss"] } {
+  const { W: W64, H } = calibratedLayer(W, N, K, hessian, opts.percdamp);
+  const { bits, groupSize } = opts;
+  const rel = (ql: QuantizedLinear) =>
+    layerLoss(W64, dequantize(ql, new Float64Array(N * K)), H, N, K).relative;
+  const loss: LayerReport["loss"] = {};
+  let ql: QuantizedLinear | null = null;
+  const compare = opts.compare ?? true;
+  if (opts.method === "rtn" || compare) {
+    const r = rtnQuantize(W64, N, K, { bits, groupSize, clip: "hdiag", Hdiag: diagonal(H, K) });
+    loss.rtn = rel(r);
+    if (opts.method === "rtn") ql = r;
+  }
+  if (opts.method === "gptq" || compare) {
+    const g = gptqQuantize(W64, N, K, H, { bits, groupSize });
+    loss.gptq = rel(g);
+    if (opts.method === "gptq") ql = g;
+  }
+  if (opts.method === "decoupleq") {
+    const d = decoupleQ(W64, N, K, H, { bits, groupSize, iters: opts.iters });
+    loss.decoupleq = d.loss.relative;
+    ql = d.ql;
+  }
+  return { ql: ql!, loss };
+}
+
+/**
+ * Quantizes every linear layer of `ckpt` in order, calibrated on `seqs` (token ids, BOS first),
+ * handing each result to `sink`. Returns one report row per layer.
+ */
+export async function quantizeSequential(
+  gpu: Gpu,
+  ckpt: Checkpoint,
+  seqs: number[][],
+  opts: SequentialOptions,
+  sink: Sink,
+): Promise<LayerReport[]> {
+  const c = ckpt.config;
+  const log = opts.log ?? ((l: string) => console.error(l));
+  const seqLen = Math.max(...seqs.map((s) => s.length));
+  const runner = BlockRunner.create(gpu, c, seqLen);
+  const reports: LayerReport[] = [];
+  let inputs = await embedInputs(ckpt, seqs);
+  for (let l = 0; l < c.nLayers; l++) {
+    await runner.loadLayer(ckpt, l);
+    for (const { capture, keys } of GROUPS) {
+      const X = await runner.run(inputs, capture);
+      const K = X[0].length / seqs[0].length;
+      const hessian = new Hessian(K);
+      X.forEach((x, i) => hessian.addBatch(x, seqs[i].length));
+      for (const key of keys) {
+        const name = linearName(key, l);
+        const [N] = ckpt.tensors.get(name)!.shape;
+        const t0 = performance.now();
+        const { ql, loss } = quantizeLinear(await ckpt.read(name), N, K, hessian, opts);
+        const ms = performance.now() - t0;
+        runner.setLinear(key, Float32Array.from(dequantize(ql, new Float64Array(N * K))));
+        await sink(name, ql);
+        const r = { layer: l, name, N, K, ms, loss };
+        reports.push(r);
+        const fmt = Object.entries(loss).map(([m, v]) => `${m} ${v!.toExponential(3)}`).join(", ");
+        log(`layer ${l} ${key} (${N}×${K}): relative loss ${fmt} (${ms.toFixed(0)} ms)`);
+      }
+      hessian.free();
+    }
+    inputs = await runner.run(inputs, CAPTURE.output);
+  }
+  return reports;
+}
