@@ -2,6 +2,7 @@
 
 import { dirname, extname, join } from "node:path";
 import { TokenizerError } from "./errors.ts";
+import { type LowbitCheckpoint, openLowbit } from "./lowbit_reader.ts";
 import type { Tokenizer, TokenizerData } from "./tokenizer.ts";
 import { HfTokenizer } from "./tokenizer_hf.ts";
 import { Llama2cTokenizer } from "./tokenizer_llama2c.ts";
@@ -74,8 +75,8 @@ async function llama2cCandidates(dir: string, exclude: string): Promise<string[]
  * The tokenizer for the model at `modelPath`. `explicitTokenizer` (from --tokenizer) wins: a
  * `.json` file is a Hugging Face tokenizer.json (with the tokenizer_config.json beside it),
  * anything else a llama2.c tokenizer.bin, and a directory is searched like a model directory.
- * For a model directory: its tokenizer.json (+ tokenizer_config.json), else a llama2.c
- * tokenizer. For a llama2.c `.bin` model file: tokenizer.bin, tok512.bin or another tok*.bin
+ * For a `.lowbit` file: the tokenizer embedded in it (when it carries one). For a model
+ * directory: its tokenizer.json (+ tokenizer_config.json), else a llama2.c tokenizer. For a llama2.c `.bin` model file: tokenizer.bin, tok512.bin or another tok*.bin
  * in its directory, else a tokenizer.json there; for other model files, the reverse order.
  * Throws TokenizerError listing the paths it tried when none exists.
  */
@@ -101,7 +102,23 @@ export async function loadTokenizer(
     throw new TokenizerError(`model path ${modelPath} does not exist, so it has no tokenizer`);
   }
   if (info.isDirectory) return await searchDirectory(modelPath, "", modelPath);
+  if (extname(modelPath).toLowerCase() === ".lowbit") {
+    const lowbit = await openLowbit(modelPath);
+    lowbit.close();
+    if (lowbit.header.tokenizer !== null) return await tokenizerOf(lowbit);
+  }
   return await searchDirectory(dirname(modelPath), modelPath, modelPath);
+}
+
+/** The tokenizer embedded in an opened `.lowbit` file; TokenizerError when it has none. */
+export function tokenizerOf(lowbit: Pick<LowbitCheckpoint, "path" | "header">): Promise<Tokenizer> {
+  const data = lowbit.header.tokenizer;
+  if (data === null) {
+    return Promise.reject(
+      new TokenizerError(`${lowbit.path} carries no tokenizer; ${USAGE}`),
+    );
+  }
+  return tokenizerFromData(data);
 }
 
 /** Tries the candidate tokenizer files of `dir` in order; `model` is the model file, if any. */

@@ -3,12 +3,14 @@ import type { Checkpoint } from "./checkpoint.ts";
 import { ModelFormatError } from "./errors.ts";
 import { openHfCheckpoint } from "./hf_checkpoint.ts";
 import { openLlama2cCheckpoint } from "./llama2c_checkpoint.ts";
+import { openLowbit } from "./lowbit_reader.ts";
 import { joinPath } from "./safetensors.ts";
 
 /**
  * Opens a checkpoint:
  * - a directory with `config.json` → Hugging Face safetensors checkpoint;
  * - a `.bin` file → llama2.c checkpoint;
+ * - a `.lowbit` file → packed lowbit model (docs/FORMAT.md);
  * anything else → ModelFormatError saying what was expected.
  */
 export async function openCheckpoint(path: string): Promise<Checkpoint> {
@@ -31,10 +33,9 @@ export async function openCheckpoint(path: string): Promise<Checkpoint> {
   }
   const lower = path.toLowerCase();
   if (lower.endsWith(".bin")) return await openLlama2cCheckpoint(path);
-  // The .lowbit format is opened here once its reader exists:
-  // if (lower.endsWith(".lowbit")) return await openLowbitCheckpoint(path);
+  if (lower.endsWith(".lowbit")) return await openLowbit(path);
   throw new ModelFormatError(
-    `${path}: unknown checkpoint type; expected a Hugging Face directory (with config.json) ` +
-      `or a llama2.c .bin file`,
+    `${path}: unknown checkpoint type; expected a Hugging Face directory (with config.json), ` +
+      `a llama2.c .bin file or a .lowbit file`,
   );
 }
