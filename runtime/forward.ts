@@ -5,7 +5,6 @@
  */
 import type { ModelConfig } from "./config.ts";
 import type { DenseMatrix, GpuWeights, LayerWeights, Matrix } from "./gpu_weights.ts";
-import { UnsupportedModelError } from "./errors.ts";
 import type { RunState } from "./run_state.ts";
 import { type Gpu } from "../kernels/gpu.ts";
 import { embedGrid, embedPipeline } from "../kernels/embed.ts";
@@ -13,6 +12,18 @@ import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
 import { type Epilogue } from "../kernels/epilogue.ts";
 import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
 import { matmulBindings, matmulGrid, matmulPipeline } from "../kernels/matmul.ts";
+import {
+  matvecQBindings,
+  matvecQGrid,
+  matvecQPipeline,
+  matvecQShape,
+} from "../kernels/matvec_q.ts";
+import {
+  matmulQBindings,
+  matmulQGrid,
+  matmulQPipeline,
+  matmulQShape,
+} from "../kernels/matmul_q.ts";
 import { attentionGrid, attentionPipeline } from "../kernels/attention.ts";
 import { samplePipeline } from "../kernels/sample.ts";
 
@@ -34,11 +45,9 @@ export function encodeDispatches(pass: GPUComputePassEncoder, list: Dispatch[], 
 
 type Buffers = Record<string, GPUBuffer>;
 
-function dense(W: Matrix): DenseMatrix {
-  if (W.format === "q") {
-    throw new UnsupportedModelError("packed low-bit kernels are not wired in yet");
-  }
-  return W;
+/** A "store" epilogue shifted to a row chunk's place in the output. */
+function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
+  return e.kind === "store" ? { ...e, offset: e.offset + rowStart } : e;
 }
 
 /** Builds dispatches from pipelines and named buffers. */
@@ -58,16 +67,35 @@ export class Builder {
     eps: number | null,
     label: string,
   ): Dispatch[] {
-    const D = dense(W);
-    return D.chunks.map((c) => {
-      const e: Epilogue = epilogue.kind === "store"
-        ? { ...epilogue, offset: epilogue.offset + c.rowStart }
-        : epilogue;
+    const norm = eps === null ? null : { eps };
+    if (W.format === "q") {
+      return W.chunks.map((c) => {
+        const e = chunkEpilogue(epilogue, c.rowStart);
+        const shape = matvecQShape(this.gpu, W.K, 1, e);
+        const v = {
+          bits: W.bits,
+          groupSize: W.groupSize,
+          rows: c.rows,
+          K: W.K,
+          norm,
+          epilogue: e,
+          batch: 1,
+          ...shape,
+        };
+        const pipeline = matvecQPipeline(this.gpu, v);
+        const bufs2 = { ...bufs, qweight: c.qweight, sz: c.sz };
+        const bindGroup = this.bind(pipeline, matvecQBindings(v), bufs2, label);
+        const g = matvecQGrid(v);
+        return { pipeline, bindGroup, grid: () => g };
+      });
+    }
+    return W.chunks.map((c) => {
+      const e = chunkEpilogue(epilogue, c.rowStart);
       const v = {
-        format: D.format,
+        format: W.format,
         rows: c.rows,
         K: W.K,
-        norm: eps === null ? null : { eps },
+        norm,
         epilogue: e,
         ...matvecShape(this.gpu, W.K),
       };
@@ -80,12 +108,26 @@ export class Builder {
 
   /** epilogue(W · x[t]) for each of the step's tokens. */
   matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
-    const D = dense(W);
-    return D.chunks.map((c) => {
-      const e: Epilogue = epilogue.kind === "store"
-        ? { ...epilogue, offset: epilogue.offset + c.rowStart }
-        : epilogue;
-      const v = { format: D.format, rows: c.rows, K: D.K, epilogue: e };
+    if (W.format === "q") {
+      return W.chunks.map((c) => {
+        const e = chunkEpilogue(epilogue, c.rowStart);
+        const v = {
+          bits: W.bits,
+          groupSize: W.groupSize,
+          rows: c.rows,
+          K: W.K,
+          epilogue: e,
+          ...matmulQShape(this.gpu, e),
+        };
+        const pipeline = matmulQPipeline(this.gpu, v);
+        const bufs2 = { ...bufs, qweight: c.qweight, sz: c.sz };
+        const bindGroup = this.bind(pipeline, matmulQBindings(v), bufs2, label);
+        return { pipeline, bindGroup, grid: (n: number) => matmulQGrid(v, n) };
+      });
+    }
+    return W.chunks.map((c) => {
+      const e = chunkEpilogue(epilogue, c.rowStart);
+      const v = { format: W.format, rows: c.rows, K: W.K, epilogue: e };
       const pipeline = matmulPipeline(this.gpu, v);
       const bindGroup = this.bind(pipeline, matmulBindings(v), { ...bufs, w: c.buffer }, label);
       return { pipeline, bindGroup, grid: (n: number) => matmulGrid(v, n) };

@@ -1,0 +1,91 @@
+/**
+ * Prefill matrix-matrix product over packed low-bit weights: for each of the step's tokens t,
+ * epilogue(t, Ŵ · x[t]). The same generator as the decode kernel (matvec_q.ts) with `tt` tokens
+ * per workgroup taken from the step uniform (workgroup z covers tokens z·tt .. z·tt + tt − 1,
+ * those ≥ step.ntok are skipped): each weight block loaded is used for tt tokens, each x block
+ * for the thread's `upt` units.
+ */
+import { grid } from "./common.ts";
+import { type Epilogue, epilogueBindings, isPair, unitCount } from "./epilogue.ts";
+import type { Gpu } from "./gpu.ts";
+import type { Bits } from "../quantize/qtensor.ts";
+import { type QCore, qCoreKey, qCoreWgsl, type QWeights } from "./matvec_q.ts";
+
+export interface MatmulQVariant {
+  bits: Bits;
+  /** Group size: 32, 64, 128, or 0 (or ≥ K) for one group per row. */
+  groupSize: number;
+  rows: number;
+  K: number; // a multiple of 4
+  epilogue: Epilogue;
+  /** Thread shape (defaults: tpr 1, upt 1, upw 64, tt 8, as matmul.ts); see matmulQShape. */
+  tpr?: number;
+  upw?: number;
+  upt?: number;
+  /** Tokens per workgroup (1..8). */
+  tt?: number;
+  /** Where qweight and sz live (default "buffer"; "texture": see createQTextures). */
+  weights?: QWeights;
+}
+
+export interface MatmulQShape {
+  tpr: number;
+  upw: number;
+  upt: number;
+  tt: number;
+}
+
+function core(v: MatmulQVariant): QCore {
+  return {
+    bits: v.bits,
+    groupSize: v.groupSize,
+    rows: v.rows,
+    K: v.K,
+    norm: null,
+    epilogue: v.epilogue,
+    tpr: v.tpr ?? 1,
+    upw: v.upw ?? 64,
+    upt: v.upt ?? 1,
+    batch: v.tt ?? 8,
+    dynamicTokens: true,
+    weights: v.weights ?? "buffer",
+    xUniform: false,
+  };
+}
+
+/** Buffer names in binding order. */
+export function matmulQBindings(v: MatmulQVariant): string[] {
+  const e = epilogueBindings(v.epilogue).filter((n) => n !== "step");
+  return ["step", "x", "qweight", "sz", ...e];
+}
+
+export function matmulQWgsl(v: MatmulQVariant): string {
+  return qCoreWgsl(core(v));
+}
+
+export function matmulQKey(v: MatmulQVariant): string {
+  return `matmul${qCoreKey(core(v))}`;
+}
+
+export function matmulQPipeline(gpu: Gpu, v: MatmulQVariant): GPUComputePipeline {
+  return gpu.pipeline(matmulQKey(v), () => matmulQWgsl(v));
+}
+
+/** Grid: (unit groups, 1 or more, token groups). */
+export function matmulQGrid(v: MatmulQVariant, ntok: number): [number, number, number] {
+  const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / (v.upw ?? 64)));
+  return [x, y, Math.ceil(ntok / (v.tt ?? 8))];
+}
+
+/**
+ * Thread shape: on CPU adapters 32 weight rows (16 units of the pair epilogues) × 4 tokens per
+ * thread, so each loaded x value serves 32 rows and each weight 4 tokens; on GPUs one unit × 8
+ * tokens per thread, 64 threads per workgroup.
+ */
+export function matmulQShape(gpu: Gpu, epilogue?: Epilogue): MatmulQShape {
+  if (gpu.isCpu) {
+    const upt = epilogue && isPair(epilogue) ? 16 : 32;
+    return { tpr: 1, upt, upw: upt * 8, tt: 4 };
+  }
+  return { tpr: 1, upt: 1, upw: 64, tt: 8 };
+}
