@@ -16,7 +16,12 @@ import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
 import type { LowbitTensorSpec } from "../runtime/lowbit_file.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { calibrationSequences } from "./calibration.ts";
-import { type LayerReport, type Method, quantizeSequential } from "./sequential.ts";
+import {
+  type BlockReport,
+  type LayerReport,
+  type Method,
+  quantizeSequential,
+} from "./sequential.ts";
 import { packQ } from "./pack.ts";
 import { rtnQuantize } from "./rtn.ts";
 import type { Bits } from "./qtensor.ts";
@@ -30,6 +35,8 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
   --calib-seqlen N              tokens per sequence, BOS included (default: context, at most 512)
   --iters N                     decoupleQ alternations, stopping early when rows stop improving (default 8)
   --seed S                      calibration sampling seed (default 0)
+  --stage2 / --no-stage2        decoupleQ stage 2: tune s, z and norms per block (default on for decoupleq)
+  --stage2-epochs N             (default 5)
   --no-compare                  skip the RTN/GPTQ losses in the per-layer report
   --tokenizer PATH              tokenizer (default: found beside the model)`;
 
@@ -60,6 +67,9 @@ async function main(args: string[]): Promise<void> {
       iters: { type: "string", default: "8" },
       seed: { type: "string", default: "0" },
       "no-compare": { type: "boolean", default: false },
+      stage2: { type: "boolean" },
+      "no-stage2": { type: "boolean", default: false },
+      "stage2-epochs": { type: "string", default: "5" },
       tokenizer: { type: "string" },
       help: { type: "boolean", default: false },
     },
@@ -75,6 +85,8 @@ async function main(args: string[]): Promise<void> {
   if (method !== "rtn" && !a.calib) {
     throw new ParameterError(`--method ${method} needs --calib FILE`);
   }
+  const stage2 = (a.stage2 ?? method === "decoupleq") && !a["no-stage2"];
+  if (stage2 && !a.calib) throw new ParameterError("--stage2 needs --calib FILE");
 
   const ckpt = await openCheckpoint(a.model);
   const c = ckpt.config;
@@ -94,6 +106,7 @@ async function main(args: string[]): Promise<void> {
     bits,
     groupSize,
     iters: Number(a.iters),
+    stage2,
     calib: a.calib ?? null,
     seed: Number(a.seed),
   };
@@ -104,13 +117,20 @@ async function main(args: string[]): Promise<void> {
     tensors,
   });
   const t0 = performance.now();
-  // float tensors first, one at a time
+  // float tensors other than the block norms (which stage 2 may tune) first, one at a time
+  const blockNorms = new Set(
+    Array.from({ length: c.nLayers }, (_, l) => [T.attnNorm(l), T.ffnNorm(l)]).flat(),
+  );
   for (const t of tensors) {
-    if (t.dtype !== "Q") await writer.writeTensor(t.name, await ckpt.read(t.name));
+    if (t.dtype !== "Q" && !blockNorms.has(t.name)) {
+      await writer.writeTensor(t.name, await ckpt.read(t.name));
+    }
   }
-  const sink = (name: string, ql: Parameters<typeof packQ>[0]) =>
-    writer.writeTensor(name, packQ(ql));
-  let reports: LayerReport[] = [];
+  const sink = {
+    linear: (name: string, ql: Parameters<typeof packQ>[0]) => writer.writeTensor(name, packQ(ql)),
+    norm: (name: string, g: Float32Array) => writer.writeTensor(name, g),
+  };
+  let reports: { layers: LayerReport[]; blocks: BlockReport[] } = { layers: [], blocks: [] };
   if (a.calib) {
     const text = await Deno.readTextFile(a.calib);
     const seqLen = a["calib-seqlen"]
@@ -130,11 +150,13 @@ async function main(args: string[]): Promise<void> {
       groupSize,
       iters: int("iters", a.iters!),
       compare: !a["no-compare"],
+      stage2: stage2 ? { epochs: int("stage2-epochs", a["stage2-epochs"]!) } : null,
     }, sink);
   } else {
+    for (const name of blockNorms) await sink.norm(name, await ckpt.read(name));
     for (const name of linear) {
       const [N, K] = ckpt.tensors.get(name)!.shape;
-      await sink(name, rtnQuantize(await ckpt.read(name), N, K, { bits, groupSize }));
+      await sink.linear(name, rtnQuantize(await ckpt.read(name), N, K, { bits, groupSize }));
       console.error(`rtn ${name} (${N}×${K})`);
     }
   }
@@ -142,7 +164,7 @@ async function main(args: string[]): Promise<void> {
   ckpt.close();
   const seconds = (performance.now() - t0) / 1000;
   const report = `${a.out}.report.json`;
-  await Deno.writeTextFile(report, JSON.stringify({ settings, seconds, layers: reports }, null, 2));
+  await Deno.writeTextFile(report, JSON.stringify({ settings, seconds, ...reports }, null, 2));
   const size = (await Deno.stat(a.out)).size;
   console.log(
     `wrote ${a.out} (${(size / 1e6).toFixed(2)} MB) in ${

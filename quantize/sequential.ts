@@ -13,6 +13,8 @@ import { type Bits, dequantize, type QuantizedLinear } from "./qtensor.ts";
 import { diagonal, rtnQuantize } from "./rtn.ts";
 import { gptqQuantize } from "./gptq.ts";
 import { decoupleQ } from "./decoupleq.ts";
+import { tuneBlock } from "./stage2.ts";
+import type { LinearKey } from "./block_math.ts";
 
 export type Method = "rtn" | "gptq" | "decoupleq";
 
@@ -25,6 +27,8 @@ export interface SequentialOptions {
   /** Also measure the RTN and GPTQ losses of every layer for the report (default true). */
   compare?: boolean;
   percdamp?: number;
+  /** decoupleQ stage 2: tune s, z and the norms of each block against its float output. */
+  stage2?: { epochs?: number; lr?: number } | null;
   log?: (line: string) => void;
 }
 
@@ -38,8 +42,20 @@ export interface LayerReport {
   loss: Partial<Record<Method, number>>;
 }
 
-/** Where each quantized layer goes (the model file writer). */
-export type Sink = (name: string, ql: QuantizedLinear) => Promise<void>;
+/** Where each quantized layer and each block's (possibly tuned) norm weights go. */
+export interface Sink {
+  linear(name: string, ql: QuantizedLinear): Promise<void>;
+  norm(name: string, g: Float32Array): Promise<void>;
+}
+
+/** Stage-2 result of one block, for the report. */
+export interface BlockReport {
+  layer: number;
+  /** Output MSE against the float block: before and after stage 2. */
+  mseBefore: number;
+  mseAfter: number;
+  ms: number;
+}
 
 const GROUPS: { capture: Capture; keys: string[] }[] = [
   { capture: CAPTURE.qkvInput, keys: ["wq", "wk", "wv"] },
@@ -105,15 +121,19 @@ export async function quantizeSequential(
   seqs: number[][],
   opts: SequentialOptions,
   sink: Sink,
-): Promise<LayerReport[]> {
+): Promise<{ layers: LayerReport[]; blocks: BlockReport[] }> {
   const c = ckpt.config;
   const log = opts.log ?? ((l: string) => console.error(l));
   const seqLen = Math.max(...seqs.map((s) => s.length));
   const runner = BlockRunner.create(gpu, c, seqLen);
-  const reports: LayerReport[] = [];
+  const layers: LayerReport[] = [];
+  const blocks: BlockReport[] = [];
   let inputs = await embedInputs(ckpt, seqs);
   for (let l = 0; l < c.nLayers; l++) {
     await runner.loadLayer(ckpt, l);
+    // the float block's output on the same inputs: stage 2's target
+    const targets = opts.stage2 ? await runner.run(inputs, CAPTURE.output) : [];
+    const qls = {} as Record<LinearKey, QuantizedLinear>;
     for (const { capture, keys } of GROUPS) {
       const X = await runner.run(inputs, capture);
       const K = X[0].length / seqs[0].length;
@@ -126,15 +146,48 @@ export async function quantizeSequential(
         const { ql, loss } = quantizeLinear(await ckpt.read(name), N, K, hessian, opts);
         const ms = performance.now() - t0;
         runner.setLinear(key, Float32Array.from(dequantize(ql, new Float64Array(N * K))));
-        await sink(name, ql);
-        const r = { layer: l, name, N, K, ms, loss };
-        reports.push(r);
+        qls[key as LinearKey] = ql;
+        layers.push({ layer: l, name, N, K, ms, loss });
         const fmt = Object.entries(loss).map(([m, v]) => `${m} ${v!.toExponential(3)}`).join(", ");
         log(`layer ${l} ${key} (${N}×${K}): relative loss ${fmt} (${ms.toFixed(0)} ms)`);
       }
       hessian.free();
     }
+    let attnNorm = await ckpt.read(T.attnNorm(l)), ffnNorm = await ckpt.read(T.ffnNorm(l));
+    if (opts.stage2) {
+      const bias = c.qkvBias
+        ? {
+          bq: await ckpt.read(T.bq(l)),
+          bk: await ckpt.read(T.bk(l)),
+          bv: await ckpt.read(T.bv(l)),
+        }
+        : null;
+      const r = tuneBlock(
+        c,
+        { linears: qls, attnNorm, ffnNorm, bias },
+        inputs,
+        targets,
+        opts.stage2,
+      );
+      Object.assign(qls, r.block.linears);
+      ({ attnNorm, ffnNorm } = r.block);
+      for (const [key, ql] of Object.entries(qls)) {
+        runner.setLinear(key, Float32Array.from(dequantize(ql, new Float64Array(ql.N * ql.K))));
+      }
+      runner.setNorm("attn", attnNorm);
+      runner.setNorm("ffn", ffnNorm);
+      const h = r.history;
+      blocks.push({ layer: l, mseBefore: h.before, mseAfter: h.after, ms: r.ms });
+      log(
+        `block ${l} stage 2: output MSE ${h.before.toExponential(3)} → ${
+          h.after.toExponential(3)
+        } (${r.ms.toFixed(0)} ms)`,
+      );
+    }
+    for (const [key, ql] of Object.entries(qls)) await sink.linear(linearName(key, l), ql);
+    await sink.norm(T.attnNorm(l), attnNorm);
+    await sink.norm(T.ffnNorm(l), ffnNorm);
     inputs = await runner.run(inputs, CAPTURE.output);
   }
-  return reports;
+  return { layers, blocks };
 }
