@@ -6,10 +6,12 @@ import { runMain } from "../runtime/cli.ts";
 import { ParameterError } from "../runtime/errors.ts";
 import { benchDecode } from "./decode.ts";
 import { benchLoad } from "./load.ts";
+import { benchQuality } from "./quality.ts";
 
 const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   decode: benchDecode,
   load: benchLoad,
+  quality: benchQuality,
 };
 
 runMain(async () => {
