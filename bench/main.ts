@@ -7,11 +7,13 @@ import { ParameterError } from "../runtime/errors.ts";
 import { benchDecode } from "./decode.ts";
 import { benchLoad } from "./load.ts";
 import { benchQuality } from "./quality.ts";
+import { benchLatency } from "./latency.ts";
 
 const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   decode: benchDecode,
   load: benchLoad,
   quality: benchQuality,
+  latency: benchLatency,
 };
 
 runMain(async () => {

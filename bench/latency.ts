@@ -1,0 +1,245 @@
+/**
+ * `deno task bench latency`: prefill and decode speed of fp16 against W4 g128, W3 g128 and W2 g64
+ * on stories260K (real weights) and synthetic models at the shapes of SmolLM2-135M,
+ * Llama-3.2-1B and Llama-2-7B, plus the adapter's copy bandwidth and FMA ceiling and, through
+ * timestamp-query, the decode step's GPU time per kernel, with the matrix-vector kernels'
+ * achieved GB/s and GFLOP/s against both ceilings. Results: stdout, bench/RESULTS.md, and
+ * bench/latency.json.
+ *
+ *   deno task bench latency [--shapes stories,smollm,1b,7b] [--formats fp16,w4g128,w3g128,w2g64]
+ *                           [--prompts 128,512] [--decode 64]
+ */
+import { parseArgs } from "node:util";
+import { createGpu, type Gpu } from "../kernels/gpu.ts";
+import { profileDispatches } from "../kernels/profile.ts";
+import { openCheckpoint } from "../runtime/open_checkpoint.ts";
+import { GpuModel, GREEDY } from "../runtime/model.ts";
+import { generate } from "../runtime/generate.ts";
+import type { ModelConfig } from "../runtime/config.ts";
+import type { Bits } from "../quantize/qtensor.ts";
+import {
+  llama32_1bLikeConfig,
+  smolLm2_135mConfig,
+  writeSyntheticHfCheckpoint,
+} from "../tests/synthetic.ts";
+import { writeSyntheticLowbit } from "./synthetic_lowbit.ts";
+import { ceilings } from "./ceilings.ts";
+import { recordResults, table, today } from "./results.ts";
+
+const CACHE = "/tmp/lowbit-bench";
+const STORIES = new URL("../../shared/models/stories260K-hf", import.meta.url).pathname;
+
+const llama2_7b: ModelConfig = {
+  ...llama32_1bLikeConfig,
+  dim: 4096,
+  hiddenDim: 11008,
+  nLayers: 32,
+  nHeads: 32,
+  nKvHeads: 32,
+  headDim: 128,
+  vocabSize: 32000,
+  seqLen: 4096,
+  ropeTheta: 10000,
+  ropeScaling: null,
+  tiedEmbeddings: false,
+  bosId: 1,
+  eosIds: [2],
+};
+
+const SHAPES: Record<string, ModelConfig | null> = {
+  stories: null,
+  smollm: smolLm2_135mConfig,
+  "1b": llama32_1bLikeConfig,
+  "7b": llama2_7b,
+};
+
+const FORMATS: Record<string, { bits: Bits; groupSize: number } | null> = {
+  fp16: null,
+  w4g128: { bits: 4, groupSize: 128 },
+  w3g128: { bits: 3, groupSize: 128 },
+  w2g64: { bits: 2, groupSize: 64 },
+};
+
+/** The model file for a shape and format, written once into the cache. */
+async function modelPath(shape: string, format: string): Promise<string> {
+  const q = FORMATS[format];
+  const c = SHAPES[shape];
+  if (!c) {
+    if (!q) return STORIES;
+    const path = `${CACHE}/stories-${format}.lowbit`;
+    const ok = await Deno.stat(path).then(() => true, () => false);
+    if (!ok) {
+      const args = [
+        "run",
+        "-A",
+        new URL("../quantize/quantize_cmd.ts", import.meta.url).pathname,
+        "--model",
+        STORIES,
+        "--method",
+        "rtn",
+        "--bits",
+        `${q.bits}`,
+        "--group-size",
+        `${q.groupSize}`,
+        "--out",
+        path,
+      ];
+      const r = await new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "null" })
+        .output();
+      if (!r.success) throw new Error(`quantizing stories260K to ${format} failed`);
+    }
+    return path;
+  }
+  await Deno.mkdir(CACHE, { recursive: true });
+  const path = q ? `${CACHE}/${shape}-${format}.lowbit` : `${CACHE}/${shape}-f16`;
+  if (!(await Deno.stat(path).then(() => true, () => false))) {
+    console.error(`writing ${path} (once)...`);
+    if (q) await writeSyntheticLowbit(path, c, q.bits, q.groupSize);
+    else await writeSyntheticHfCheckpoint(path, c, { dtype: "F16", shards: 1, seed: 1 });
+  }
+  return path;
+}
+
+interface Row {
+  shape: string;
+  format: string;
+  prefill: Record<string, number>; // prompt length → tok/s
+  ttftMs: Record<string, number>;
+  decode1: number; // tok/s at batch 1
+  stepGpuMs: number; // GPU time of one decode step (timestamp-query)
+  matvecGBs: number; // weight bytes / matvec GPU time
+  matvecGflops: number;
+  weightBytes: number;
+}
+
+async function measure(
+  gpu: Gpu,
+  shape: string,
+  format: string,
+  prompts: number[],
+  nDecode: number,
+): Promise<Row> {
+  const ckpt = await openCheckpoint(await modelPath(shape, format));
+  const ctx = Math.min(ckpt.config.seqLen, Math.max(...prompts) + nDecode + 8);
+  const model = await GpuModel.load(gpu, ckpt, { dtype: "f16", ctx, maxT: 128 });
+  ckpt.close();
+  const V = ckpt.config.vocabSize;
+  const rand = (n: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % V);
+  // warm-up: compile every pipeline once
+  for await (
+    const _ of generate(model, { prompt: rand(130), maxTokens: 3, sampling: GREEDY, stopIds: [] })
+  ) { /* */ }
+  const prefill: Record<string, number> = {}, ttftMs: Record<string, number> = {};
+  for (const p of prompts) {
+    const it = generate(model, { prompt: rand(p), maxTokens: 1, sampling: GREEDY, stopIds: [] });
+    let r = await it.next();
+    while (!r.done) r = await it.next();
+    ttftMs[p] = r.value.ttftMs;
+    prefill[p] = p / (r.value.ttftMs / 1000);
+  }
+  const it = generate(model, {
+    prompt: rand(8),
+    maxTokens: nDecode,
+    sampling: GREEDY,
+    stopIds: [],
+  });
+  let r = await it.next();
+  while (!r.done) r = await it.next();
+  const decode1 = (r.value.generatedTokens - 1) / (r.value.decodeMs / 1000);
+  // GPU time per kernel of one decode step (median of 3)
+  const runs: number[][] = [];
+  for (let i = 0; i < 3; i++) runs.push(await profileDispatches(gpu, model.plan.decode, 1));
+  const med = model.plan.decode.map((_, i) => runs.map((r) => r[i]).sort((a, b) => a - b)[1]);
+  const isMatvec = (i: number) => /matvec/.test(model.plan.decode[i].pipeline.label);
+  const matvecUs = med.reduce((a, t, i) => a + (isMatvec(i) ? t : 0), 0);
+  const stepUs = med.reduce((a, b) => a + b, 0);
+  const c = model.config;
+  const params = c.nLayers *
+      (c.dim * (c.nHeads + 2 * c.nKvHeads) * c.headDim + c.nHeads * c.headDim * c.dim +
+        3 * c.dim * c.hiddenDim) +
+    c.vocabSize * c.dim;
+  const weightBytes = model.weights.bytes - (c.tiedEmbeddings ? 0 : c.vocabSize * c.dim * 2); // the embedding is not read whole
+  return {
+    shape,
+    format,
+    prefill,
+    ttftMs,
+    decode1,
+    stepGpuMs: stepUs / 1000,
+    matvecGBs: weightBytes / (matvecUs * 1e3),
+    matvecGflops: (2 * params) / (matvecUs * 1e3),
+    weightBytes,
+  };
+}
+
+export async function benchLatency(args: string[]): Promise<void> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      shapes: { type: "string" },
+      formats: { type: "string", default: Object.keys(FORMATS).join(",") },
+      prompts: { type: "string" },
+      decode: { type: "string", default: "64" },
+    },
+  });
+  const gpu = await createGpu();
+  // CPU adapters: the 7B shape does not fit the point, and 512-token prompts take minutes
+  const shapes = (values.shapes ?? (gpu.isCpu ? "stories,smollm,1b" : "stories,smollm,1b,7b"))
+    .split(",");
+  const prompts = (values.prompts ?? (gpu.isCpu ? "128" : "128,512")).split(",").map(Number);
+  const ceil = await ceilings(gpu);
+  console.log(
+    `${gpu.adapterName}: copy ${ceil.copyGBs.toFixed(1)} GB/s, FMA ${
+      ceil.fmaGflops.toFixed(1)
+    } GFLOP/s`,
+  );
+  const rows: Row[] = [];
+  for (const shape of shapes) {
+    for (const format of values.formats!.split(",")) {
+      const r = await measure(gpu, shape, format, prompts, Number(values.decode));
+      rows.push(r);
+      console.log(
+        `${shape} ${format}: prefill ${
+          prompts.map((p) => `${p}:${r.prefill[p].toFixed(1)}`).join(" ")
+        } tok/s, ` +
+          `decode ${r.decode1.toFixed(1)} tok/s, step ${r.stepGpuMs.toFixed(2)} ms GPU, matvec ${
+            r.matvecGBs.toFixed(2)
+          } GB/s ` +
+          `${r.matvecGflops.toFixed(2)} GFLOP/s`,
+      );
+    }
+  }
+  const head = [
+    "model",
+    "weights",
+    ...prompts.flatMap((p) => [`prefill ${p} tok/s`, `TTFT ${p} ms`]),
+    "decode tok/s (batch 1)",
+    "decode step GPU ms",
+    "matvec GB/s (% of copy)",
+    "matvec GFLOP/s (% of FMA)",
+  ];
+  const body = rows.map((r) => [
+    r.shape,
+    r.format,
+    ...prompts.flatMap((p) => [r.prefill[p].toFixed(1), r.ttftMs[p].toFixed(0)]),
+    r.decode1.toFixed(1),
+    r.stepGpuMs.toFixed(2),
+    `${r.matvecGBs.toFixed(2)} (${(100 * r.matvecGBs / ceil.copyGBs).toFixed(0)}%)`,
+    `${r.matvecGflops.toFixed(2)} (${(100 * r.matvecGflops / ceil.fmaGflops).toFixed(0)}%)`,
+  ]);
+  await recordResults(
+    "latency",
+    gpu.adapterName,
+    `${today()}. Copy bandwidth ${
+      ceil.copyGBs.toFixed(1)
+    } GB/s (copyBufferToBuffer), FMA ceiling ` +
+      `${
+        ceil.fmaGflops.toFixed(1)
+      } GFLOP/s. Synthetic weights except stories260K. Decode at batch 8 needs the ` +
+      `batched decode path (not in the runtime yet).\n\n${table(head, body)}`,
+  );
+  await Deno.writeTextFile(
+    new URL("./latency.json", import.meta.url),
+    JSON.stringify({ adapter: gpu.adapterName, ceil, rows }, null, 1),
+  );
+}
