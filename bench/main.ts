@@ -6,6 +6,7 @@ import { runMain } from "../runtime/cli.ts";
 import { ParameterError } from "../runtime/errors.ts";
 import { benchDecode } from "./decode.ts";
 import { benchLoad } from "./load.ts";
+import { benchProfile } from "./profile.ts";
 import { benchQuality } from "./quality.ts";
 import { benchLatency } from "./latency.ts";
 
@@ -14,6 +15,7 @@ const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   load: benchLoad,
   quality: benchQuality,
   latency: benchLatency,
+  profile: benchProfile,
 };
 
 runMain(async () => {

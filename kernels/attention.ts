@@ -3,8 +3,18 @@
  * Token t (at position pos + t) attends to positions 0..pos+t; keys are taken WG at a time with
  * an online softmax, so any context length fits in fixed workgroup memory. Grouped-query:
  * head h reads kv head h / (nHeads / nKvHeads).
+ *
+ * With the KV cache in textures (CPU adapters, see KvSource in epilogue.ts) a different kernel
+ * runs: each thread takes every wg-th key with its own online softmax (q, m, l and the output
+ * accumulator in registers, keys and values by textureLoad, q optionally from a uniform buffer),
+ * and the wg partial results are merged once at the end through workgroup memory. No barrier in
+ * the key loop and no workgroup-memory loads there: on lavapipe those are per-lane loops. A
+ * workgroup serves `gq` query heads of one KV head (grouped-query attention), so each key and
+ * value texel is loaded once for all of them; one exp per key and head (the larger of the running
+ * maximum and the new score gets weight 1, the other exp(−|difference|)).
  */
 import { STEP_WGSL } from "./common.ts";
+import type { KvSource } from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
 
 export interface AttentionVariant {
@@ -12,9 +22,19 @@ export interface AttentionVariant {
   nKvHeads: number;
   headDim: number;
   wg: number; // keys per chunk = threads, a power of two
+  /** KV cache layout (default "buffer"). */
+  kv?: KvSource;
+  /** Texture KV only: q as a uniform buffer of nHeads·headDim values (decode: one token). */
+  qUniform?: boolean;
+  /**
+   * Texture KV only: query heads per workgroup (default 1), a divisor of nHeads / nKvHeads; they
+   * share one KV head, so each key and value is loaded once for all of them.
+   */
+  gq?: number;
 }
 
 export function attentionWgsl(v: AttentionVariant): string {
+  if (v.kv === "texture") return attentionTexWgsl(v);
   const { nHeads, nKvHeads, headDim: HD, wg: WG } = v;
   const QD = nHeads * HD, KVD = nKvHeads * HD, GQ = nHeads / nKvHeads;
   const reduce = (op: string) => `
@@ -83,12 +103,120 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }`;
 }
 
+/** Query heads per workgroup of the texture kernel: those sharing a KV head, up to 64 values. */
+export function attentionGroup(nHeads: number, nKvHeads: number, headDim: number): number {
+  const GQ = nHeads / nKvHeads;
+  let g = 1;
+  for (let d = 1; d <= GQ; d++) if (GQ % d === 0 && d * headDim <= 64) g = d;
+  return g;
+}
+
+function attentionTexWgsl(v: AttentionVariant): string {
+  const { nHeads, nKvHeads, headDim: HD, wg: WG } = v;
+  const QD = nHeads * HD, GQ = nHeads / nKvHeads, H = HD / 2;
+  const gq = v.gq ?? 1, S = gq * (HD + 2);
+  if (v.qUniform && QD % 4 !== 0) {
+    throw new Error("attention: a uniform q needs nHeads·headDim % 4 = 0");
+  }
+  if (!Number.isInteger(GQ / gq)) {
+    throw new Error(`attention: gq = ${gq} must divide nHeads / nKvHeads = ${GQ}`);
+  }
+  const idx = Array.from({ length: H }, (_, i) => i);
+  const heads = Array.from({ length: gq }, (_, g) => g);
+  const lanes = Array.from({ length: WG }, (_, w) => w);
+  const qDecl = v.qUniform
+    ? `@group(0) @binding(1) var<uniform> q: array<vec4<f32>, ${QD / 4}>;
+fn qv(i: u32) -> f32 { return q[i / 4u][i % 4u]; }`
+    : `@group(0) @binding(1) var<storage, read> q: array<f32>;
+fn qv(i: u32) -> f32 { return q[i]; }`;
+  const L: string[] = [];
+  const p = (s: string) => L.push(s);
+  p(`  let h0 = wid.x * ${gq}u;`);
+  p(`  let t = wid.y;`);
+  p(`  let len = step.pos + t + 1u;`);
+  p(`  let kx = (h0 / ${GQ}u) * ${H}u;`);
+  for (const g of heads) {
+    p(`  let qo${g} = t * ${QD}u + (h0 + ${g}u) * ${HD}u;`);
+    for (const i of idx) {
+      p(
+        `  let q${g}_${i} = vec2<f32>(qv(qo${g} + ${i}u), qv(qo${g} + ${i + H}u)) * ` +
+          `${1 / Math.sqrt(HD)};`,
+      );
+    }
+    p(`  var m${g} = -3.0e38;`);
+    p(`  var l${g} = 0.0;`);
+    for (const i of idx) p(`  var a${g}_${i} = vec2<f32>(0.0);`);
+  }
+  p(`  for (var j = lid; j < len; j += ${WG}u) {`);
+  for (const i of idx) {
+    p(`    let k${i} = bitcast<vec2<f32>>(textureLoad(kcache, vec2<u32>(kx + ${i}u, j), 0).xy);`);
+  }
+  for (const i of idx) {
+    p(`    let v${i} = bitcast<vec2<f32>>(textureLoad(vcache, vec2<u32>(kx + ${i}u, j), 0).xy);`);
+  }
+  for (const g of heads) {
+    p(`    let s${g} = ${idx.map((i) => `dot(q${g}_${i}, k${i})`).join(" + ")};`);
+    // online softmax with one exp: the larger of (m, s) gets weight 1, the other exp(−|s − m|)
+    p(`    let up${g} = s${g} > m${g};`);
+    p(`    let x${g} = exp(-abs(s${g} - m${g}));`);
+    p(`    let sc${g} = select(1.0, x${g}, up${g});`);
+    p(`    let e${g} = select(x${g}, 1.0, up${g});`);
+    p(`    l${g} = l${g} * sc${g} + e${g};`);
+    p(`    m${g} = max(m${g}, s${g});`);
+    for (const i of idx) p(`    a${g}_${i} = a${g}_${i} * sc${g} + e${g} * v${i};`);
+  }
+  p(`  }`);
+  // merge the threads' partial softmaxes
+  for (const g of heads) {
+    const o = g * (HD + 2);
+    p(`  part[lid * ${S}u + ${o}u] = m${g};`);
+    p(`  part[lid * ${S}u + ${o + 1}u] = l${g};`);
+    for (const i of idx) {
+      p(`  part[lid * ${S}u + ${o + 2 + 2 * i}u] = a${g}_${i}.x;`);
+      p(`  part[lid * ${S}u + ${o + 3 + 2 * i}u] = a${g}_${i}.y;`);
+    }
+  }
+  p(`  workgroupBarrier();`);
+  for (const g of heads) {
+    const o = g * (HD + 2);
+    p(`  {`);
+    for (const w of lanes) p(`    let m${w} = part[${w * S + o}u];`);
+    p(`    let mx = ${lanes.map((w) => `m${w}`).reduce((a, b) => `max(${a}, ${b})`)};`);
+    for (const w of lanes) p(`    let e${w} = exp(m${w} - mx);`);
+    p(`    let den = ${lanes.map((w) => `e${w} * part[${w * S + o + 1}u]`).join(" + ")};`);
+    p(`    for (var i = lid; i < ${H}u; i += ${WG}u) {`);
+    p(`      var o = vec2<f32>(0.0);`);
+    for (const w of lanes) {
+      const b = w * S + o + 2;
+      p(`      o += e${w} * vec2<f32>(part[${b}u + 2u * i], part[${b + 1}u + 2u * i]);`);
+    }
+    p(`      out[qo${g} + i] = o.x / den;`);
+    p(`      out[qo${g} + i + ${H}u] = o.y / den;`);
+    p(`    }`);
+    p(`  }`);
+  }
+  return `${STEP_WGSL}
+@group(0) @binding(0) var<uniform> step: Step;
+${qDecl}
+@group(0) @binding(2) var kcache: texture_2d<u32>;
+@group(0) @binding(3) var vcache: texture_2d<u32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+var<workgroup> part: array<f32, ${WG * S}>;
+
+@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+${L.join("\n")}
+}`;
+}
+
 export function attentionPipeline(gpu: Gpu, v: AttentionVariant): GPUComputePipeline {
-  const key = `attention_${v.nHeads}_${v.nKvHeads}_${v.headDim}_w${v.wg}`;
+  const key = `attention_${v.nHeads}_${v.nKvHeads}_${v.headDim}_w${v.wg}${
+    v.kv === "texture" ? `T${v.gq ?? 1}` : ""
+  }${v.qUniform ? "U" : ""}`;
   return gpu.pipeline(key, () => attentionWgsl(v));
 }
 
-/** Bindings: step, q, kcache, vcache, out. Grid: (heads, tokens). */
+/** Bindings: step, q, kcache, vcache, out. Grid: (heads / gq, tokens). */
 export function attentionGrid(v: AttentionVariant, ntok: number): [number, number] {
-  return [v.nHeads, ntok];
+  return [v.kv === "texture" ? v.nHeads / (v.gq ?? 1) : v.nHeads, ntok];
 }

@@ -72,6 +72,91 @@ fn ${name}_4(i: u32) -> vec4<f32> {
   }
 }
 
+/**
+ * Where weights live: storage buffers (GPUs), or 2D textures (CPU adapters, where lavapipe loads
+ * a texel ~8× cheaper than a storage vec4; see {@link DENSE_TEX_WIDTH}).
+ */
+export type WeightSource = "buffer" | "texture";
+
+/**
+ * Texels per row of the dense weight textures. A (rows, K) matrix is a row-major run of texels,
+ * texel i at (i % DENSE_TEX_WIDTH, i / DENSE_TEX_WIDTH) (a texture narrower than that when the
+ * run fits one row): f32 as rgba32float (4 values per texel, K/4 texels per weight row), f16
+ * (either f16 format) as rgba32uint of f16 pairs (8 values per texel, read with
+ * unpack2x16float), each weight row padded with zeros to ⌈K/8⌉ texels.
+ */
+export const DENSE_TEX_WIDTH = 4096;
+
+/** Texels per weight row in a dense texture. */
+export function denseRowTexels(K: number, format: DenseFormat): number {
+  return format === "f32" ? K / 4 : Math.ceil(K / 8);
+}
+
+/** Texture format of a dense weight texture. */
+export function denseTextureFormat(format: DenseFormat): GPUTextureFormat {
+  return format === "f32" ? "rgba32float" : "rgba32uint";
+}
+
+/** Texture size [width, height] holding `texels` texels of a row-wrapped run. */
+export function texSize(texels: number, width: number): [number, number] {
+  const h = Math.max(1, Math.ceil(texels / width));
+  return [h > 1 ? width : Math.max(1, texels), h];
+}
+
+/**
+ * Declares a dense weight texture `name` and `${name}_t(i)`, its i-th texel in row-major order:
+ * vec4<f32> (f32) or vec4<u32> (four f16 pairs).
+ */
+export function denseTextureAccess(name: string, binding: number, format: DenseFormat): string {
+  const W = DENSE_TEX_WIDTH, ty = format === "f32" ? "f32" : "u32";
+  return `@group(0) @binding(${binding}) var ${name}: texture_2d<${ty}>;
+fn ${name}_t(i: u32) -> vec4<${ty}> {
+  return textureLoad(${name}, vec2<u32>(i % ${W}u, i / ${W}u), 0);
+}`;
+}
+
+/**
+ * Texel data of rows of a dense texture from float32 values (rows·K): f32 as is, f16 as packed
+ * pairs with each row padded to whole texels. Returns 4 words per texel.
+ */
+export function denseTexels(data: Float32Array, K: number, format: DenseFormat): Uint32Array {
+  if (format === "f32") return new Uint32Array(data.buffer, data.byteOffset, data.length);
+  const n = data.length / K, RT = denseRowTexels(K, format);
+  const half = new Float16Array(n * RT * 8);
+  for (let r = 0; r < n; r++) half.set(data.subarray(r * K, (r + 1) * K), r * RT * 8);
+  return new Uint32Array(half.buffer);
+}
+
+/**
+ * Writes texels [start, start + words/4) of a row-wrapped texture of width `width` (4 words per
+ * texel): a partial first row, the whole rows, a partial last row.
+ */
+export function writeTexels(
+  device: GPUDevice,
+  texture: GPUTexture,
+  width: number,
+  start: number,
+  words: Uint32Array,
+): void {
+  const n = words.length / 4;
+  let i = 0;
+  const put = (x: number, y: number, w: number, h: number) => {
+    const sub = words.subarray(i * 4, (i + w * h) * 4);
+    device.queue.writeTexture(
+      { texture, origin: [x, y] },
+      sub.buffer as ArrayBuffer,
+      { offset: sub.byteOffset, bytesPerRow: w * 16, rowsPerImage: h },
+      [w, h],
+    );
+    i += w * h;
+  };
+  while (i < n) {
+    const t = start + i, x = t % width, y = Math.floor(t / width);
+    if (x !== 0 || n - i < width) put(x, y, Math.min(width - x, n - i), 1);
+    else put(0, y, width, Math.floor((n - i) / width));
+  }
+}
+
 /** Bytes per element of a dense format. */
 export function bytesPer(format: DenseFormat): number {
   return format === "f32" ? 4 : 2;

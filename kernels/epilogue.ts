@@ -16,9 +16,25 @@ export type Epilogue =
   | { kind: "gateup"; hidden: number }
   /**
    * Rows of the concatenated [Wq; Wk; Wv] in rotate-half pairs: (+bias), RoPE on q and k,
-   * q to Q[t], k and v into the KV cache at position pos + t.
+   * q to Q[t], k and v into the KV cache at position pos + t (see {@link KvSource}).
    */
-  | { kind: "qkv"; nHeads: number; nKvHeads: number; headDim: number; bias: boolean };
+  | {
+    kind: "qkv";
+    nHeads: number;
+    nKvHeads: number;
+    headDim: number;
+    bias: boolean;
+    /** Where the KV cache lives (default "buffer"). */
+    kv?: KvSource;
+  };
+
+/**
+ * Layout of the KV cache. "buffer": storage arrays (ctx, nKvHeads·headDim) of f32. "texture"
+ * (CPU adapters): rg32uint textures of width nKvHeads·headDim/2 and height ctx, the texel
+ * (kvHead·headDim/2 + i, pos) holding the f32 bits of elements i and i + headDim/2 of that head,
+ * the rotate-half pair one qkv unit computes: written with textureStore, read with textureLoad.
+ */
+export type KvSource = "buffer" | "texture";
 
 /** Number of units of an epilogue over a weight with `rows` rows. */
 export function unitCount(e: Epilogue, rows: number): number {
@@ -53,7 +69,9 @@ export function epilogueKey(e: Epilogue): string {
     case "gateup":
       return `gateup${e.hidden}`;
     case "qkv":
-      return `qkv${e.nHeads}_${e.nKvHeads}_${e.headDim}${e.bias ? "b" : ""}`;
+      return `qkv${e.nHeads}_${e.nKvHeads}_${e.headDim}${e.bias ? "b" : ""}${
+        e.kv === "texture" ? "T" : ""
+      }`;
   }
 }
 
@@ -83,11 +101,23 @@ fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
     case "qkv": {
       const half = e.headDim / 2;
       const qd = e.nHeads * e.headDim, kvd = e.nKvHeads * e.headDim;
+      const tex = e.kv === "texture";
+      const cache = (name: string) =>
+        tex
+          ? `var ${name}: texture_storage_2d<rg32uint, write>;`
+          : `var<storage, read_write> ${name}: array<f32>;`;
+      const put = (name: string, h: string) =>
+        tex
+          ? `textureStore(${name}, vec2<u32>((${h}) * ${half}u + i, pos), ` +
+            `vec4<u32>(bitcast<u32>(v.x), bitcast<u32>(v.y), 0u, 0u));`
+          : `let o = pos * ${kvd}u + (${h}) * ${e.headDim}u + i;
+    ${name}[o] = v.x;
+    ${name}[o + ${half}u] = v.y;`;
       return `${STEP_WGSL}
 ${b(0)} var<uniform> step: Step;
 ${b(1)} var<storage, read_write> q: array<f32>;
-${b(2)} var<storage, read_write> kcache: array<f32>;
-${b(3)} var<storage, read_write> vcache: array<f32>;
+${b(2)} ${cache("kcache")}
+${b(3)} ${cache("vcache")}
 ${b(4)} var<storage, read> rope: array<vec2<f32>>; // (pos, headDim/2): cos, sin
 ${e.bias ? `${b(5)} var<storage, read> bias: array<f32>;` : ""}
 fn unit_rows(u: u32) -> vec2<u32> {
@@ -109,13 +139,9 @@ fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
     q[o] = v.x;
     q[o + ${half}u] = v.y;
   } else if (head < ${e.nHeads + e.nKvHeads}u) {
-    let o = pos * ${kvd}u + (head - ${e.nHeads}u) * ${e.headDim}u + i;
-    kcache[o] = v.x;
-    kcache[o + ${half}u] = v.y;
+    ${put("kcache", `head - ${e.nHeads}u`)}
   } else {
-    let o = pos * ${kvd}u + (head - ${e.nHeads + e.nKvHeads}u) * ${e.headDim}u + i;
-    vcache[o] = v.x;
-    vcache[o + ${half}u] = v.y;
+    ${put("vcache", `head - ${e.nHeads + e.nKvHeads}u`)}
   }
 }`;
     }

@@ -66,13 +66,28 @@ export class Gpu {
     return buf;
   }
 
-  bindGroup(pipeline: GPUComputePipeline, buffers: GPUBuffer[], label?: string): GPUBindGroup {
+  /**
+   * A bind group of `resources` in binding order: whole buffers, buffer ranges
+   * (`{ buffer, offset?, size? }`, e.g. a uniform binding of a buffer's first bytes), textures
+   * (bound through a default view) or texture views.
+   */
+  bindGroup(pipeline: GPUComputePipeline, resources: Bindable[], label?: string): GPUBindGroup {
     return this.device.createBindGroup({
       label,
       layout: pipeline.getBindGroupLayout(0),
-      entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })),
+      entries: resources.map((r, binding) => ({ binding, resource: bindingResource(r) })),
     });
   }
+}
+
+/** What {@link Gpu.bindGroup} accepts for one binding. */
+export type Bindable = GPUBuffer | GPUTexture | GPUTextureView | GPUBufferBinding;
+
+/** The GPUBindingResource of a {@link Bindable}. */
+export function bindingResource(r: Bindable): GPUBindingResource {
+  if (r instanceof GPUBuffer) return { buffer: r };
+  if (r instanceof GPUTexture) return r.createView();
+  return r;
 }
 
 export const STORAGE = GPUBufferUsage.STORAGE;
@@ -106,6 +121,8 @@ export async function createGpu(options: GpuOptions = {}): Promise<Gpu> {
       maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
       maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
       maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+      maxTextureDimension2D: l.maxTextureDimension2D,
+      maxUniformBufferBindingSize: l.maxUniformBufferBindingSize,
     },
   });
   device.addEventListener("uncapturederror", (e) => {

@@ -2,8 +2,19 @@
  * Prefill matrix-matrix product over dense weights: for each of the step's tokens t,
  * epilogue(t, W · x[t]). Each workgroup computes WG units for TT tokens; the tokens' inputs are
  * staged through workgroup memory KC values at a time, so each weight value loaded is used TT times.
+ *
+ * Weights in textures (`weights: "texture"`, CPU adapters) use the generator of dense_texture.ts
+ * instead: no workgroup memory, each thread `upt` units × `tt` tokens (see matmulShape).
  */
-import { denseAccess, type DenseFormat, enableFor, grid, STEP_WGSL } from "./common.ts";
+import {
+  denseAccess,
+  type DenseFormat,
+  enableFor,
+  grid,
+  STEP_WGSL,
+  type WeightSource,
+} from "./common.ts";
+import { type DenseTexCore, denseTexKey, denseTexWgsl } from "./dense_texture.ts";
 import {
   type Epilogue,
   epilogueBindings,
@@ -19,6 +30,33 @@ export interface MatmulVariant {
   rows: number;
   K: number; // a multiple of 4
   epilogue: Epilogue;
+  /** Where the weights live (default "buffer"). */
+  weights?: WeightSource;
+  /** Texture weights: units per thread, units per workgroup, tokens per workgroup. */
+  upt?: number;
+  upw?: number;
+  tt?: number;
+}
+
+function texCore(v: MatmulVariant): DenseTexCore {
+  return {
+    format: v.format,
+    rows: v.rows,
+    K: v.K,
+    norm: null,
+    epilogue: v.epilogue,
+    upw: v.upw ?? 32,
+    upt: v.upt ?? 4,
+    batch: v.tt ?? 4,
+    dynamicTokens: true,
+    xUniform: false,
+  };
+}
+
+/** Thread shape of the texture variant on CPU adapters. */
+export function matmulShape(epilogue: Epilogue): { upt: number; upw: number; tt: number } {
+  const upt = isPair(epilogue) ? 4 : 8;
+  return { upt, upw: 8 * upt, tt: 4 };
 }
 
 const WG = 64; // units per workgroup, one per thread
@@ -31,6 +69,7 @@ export function matmulBindings(v: MatmulVariant): string[] {
 }
 
 export function matmulWgsl(v: MatmulVariant): string {
+  if (v.weights === "texture") return denseTexWgsl(texCore(v));
   const K4 = v.K / 4;
   const units = unitCount(v.epilogue, v.rows);
   const [nx] = grid(Math.ceil(units / WG));
@@ -83,12 +122,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }
 
 export function matmulPipeline(gpu: Gpu, v: MatmulVariant): GPUComputePipeline {
-  const key = `matmul_${v.format}_${v.rows}x${v.K}_${epilogueKey(v.epilogue)}`;
+  const key = v.weights === "texture"
+    ? `matmul_${denseTexKey(texCore(v))}`
+    : `matmul_${v.format}_${v.rows}x${v.K}_${epilogueKey(v.epilogue)}`;
   return gpu.pipeline(key, () => matmulWgsl(v));
 }
 
 /** Grid: (unit groups, 1 or more, token groups). */
 export function matmulGrid(v: MatmulVariant, ntok: number): [number, number, number] {
+  if (v.weights === "texture") {
+    const c = texCore(v);
+    const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / c.upw));
+    return [x, y, Math.ceil(ntok / c.batch)];
+  }
   const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / WG));
   return [x, y, Math.ceil(ntok / TT)];
 }

@@ -4,8 +4,13 @@
  *
  * Threads: `tpr` threads share a unit (they split K and reduce through workgroup memory), `upw`
  * units per workgroup. On a CPU adapter tpr = 1 (no barriers, one thread per row) is fastest.
+ *
+ * Weights in textures (`weights: "texture"`, the CPU-adapter layout of common.ts) use the
+ * generator of dense_texture.ts: tpr = 1, `upt` units per thread, x and g optionally from uniform
+ * buffers (`xUniform`).
  */
-import { denseAccess, type DenseFormat, enableFor, grid } from "./common.ts";
+import { denseAccess, type DenseFormat, enableFor, grid, type WeightSource } from "./common.ts";
+import { type DenseTexCore, denseTexKey, denseTexWgsl } from "./dense_texture.ts";
 import {
   type Epilogue,
   epilogueBindings,
@@ -25,9 +30,32 @@ export interface MatvecVariant {
   epilogue: Epilogue;
   tpr: number; // threads per unit, a power of two
   upw: number; // units per workgroup
+  /** Where the weights live (default "buffer"); "texture" needs tpr = 1. */
+  weights?: WeightSource;
+  /** Units per thread (texture weights only; default 1): upw must be a multiple of it. */
+  upt?: number;
+  /** Bind x and g as uniform buffers (texture weights only; K·4 ≤ 65536). */
+  xUniform?: boolean;
+}
+
+function texCore(v: MatvecVariant): DenseTexCore {
+  if (v.tpr !== 1) throw new Error(`matvec: texture weights need tpr = 1, got ${v.tpr}`);
+  return {
+    format: v.format,
+    rows: v.rows,
+    K: v.K,
+    norm: v.norm,
+    epilogue: v.epilogue,
+    upw: v.upw,
+    upt: v.upt ?? 1,
+    batch: 1,
+    dynamicTokens: false,
+    xUniform: v.xUniform ?? false,
+  };
 }
 
 export function matvecKey(v: MatvecVariant): string {
+  if (v.weights === "texture") return `matvec_${denseTexKey(texCore(v))}`;
   return `matvec_${v.format}_${v.rows}x${v.K}_${v.norm ? `n${v.norm.eps}_` : ""}${
     epilogueKey(v.epilogue)
   }_t${v.tpr}u${v.upw}`;
@@ -39,6 +67,10 @@ export function matvecBindings(v: MatvecVariant): string[] {
 }
 
 export function matvecWgsl(v: MatvecVariant): string {
+  if (v.weights === "texture") return denseTexWgsl(texCore(v));
+  if (v.xUniform || (v.upt ?? 1) !== 1) {
+    throw new Error("matvec: xUniform and upt > 1 need texture weights");
+  }
   const K4 = v.K / 4, WG = v.tpr * v.upw;
   const units = unitCount(v.epilogue, v.rows);
   const [nx] = grid(Math.ceil(units / v.upw));
@@ -102,6 +134,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }`;
 }
 
+/** Weight rows per thread of the texture kernels' CPU shape. */
+export const MATVEC_TEX_ROWS = 8;
+
 /** Compiles (or fetches) the pipeline for a variant. */
 export function matvecPipeline(gpu: Gpu, v: MatvecVariant): GPUComputePipeline {
   return gpu.pipeline(matvecKey(v), () => matvecWgsl(v));
@@ -112,8 +147,21 @@ export function matvecGrid(v: MatvecVariant): [number, number] {
   return grid(Math.ceil(unitCount(v.epilogue, v.rows) / v.upw));
 }
 
-/** Thread shape for a given adapter and K: one thread per unit on CPUs, a wide split on GPUs. */
-export function matvecShape(gpu: Gpu, K: number): { tpr: number; upw: number } {
+/**
+ * Thread shape for a given adapter, K and weight source: one thread per unit on CPUs (with
+ * texture weights, `upt` units per thread and one 8-lane SIMD group per workgroup), a wide split
+ * on GPUs.
+ */
+export function matvecShape(
+  gpu: Gpu,
+  K: number,
+  weights: WeightSource = "buffer",
+  epilogue?: Epilogue,
+): { tpr: number; upw: number; upt?: number } {
+  if (weights === "texture") {
+    const upt = epilogue && isPair(epilogue) ? MATVEC_TEX_ROWS / 2 : MATVEC_TEX_ROWS;
+    return { tpr: 1, upt, upw: 8 * upt };
+  }
   if (gpu.isCpu) return { tpr: 1, upw: 64 };
   const tpr = K >= 1024 ? 64 : K >= 256 ? 32 : 8;
   return { tpr, upw: Math.max(1, 256 / tpr) };

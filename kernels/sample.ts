@@ -7,17 +7,40 @@
  * bisection over the bit patterns of positive floats (exact, 31 rounds), and the token is the
  * first, in index order, whose cumulative kept mass exceeds u · (kept mass), with
  * u = uniform(seed, pos + ntok) from the PCG hash.
+ *
+ * On CPU adapters (lavapipe) the workgroup is one 8-lane SIMD group (the reductions' barriers and
+ * workgroup-memory loads are what costs there) and, when vocab·4 fits a uniform binding, the
+ * logits are read as a uniform buffer (a broadcast load instead of a per-lane loop).
  */
 import { STEP_WGSL } from "./common.ts";
 import type { Gpu } from "./gpu.ts";
 
-const WG = 256;
+export interface SampleOptions {
+  /** Threads, a power of two (default 256). */
+  wg?: number;
+  /** Bind the logits as a uniform buffer of ⌈vocab/4⌉ vec4 (default false). */
+  logitsUniform?: boolean;
+}
 
-export function sampleWgsl(vocab: number): string {
+/** Options for an adapter: one SIMD group and uniform logits on CPU adapters. */
+export function sampleOptions(gpu: Gpu, vocab: number): Required<SampleOptions> {
+  if (!gpu.isCpu) return { wg: 256, logitsUniform: false };
+  const limit = Math.min(65536, gpu.device.limits.maxUniformBufferBindingSize);
+  const fits = Math.ceil(vocab / 4) * 16 <= limit;
+  return { wg: 8, logitsUniform: fits };
+}
+
+export function sampleWgsl(vocab: number, opts: SampleOptions = {}): string {
+  const WG = opts.wg ?? 256;
   const chunk = Math.ceil(vocab / WG);
+  const logitsDecl = opts.logitsUniform
+    ? `@group(0) @binding(1) var<uniform> logits: array<vec4<f32>, ${Math.ceil(vocab / 4)}>;
+fn lg(i: u32) -> f32 { return logits[i / 4u][i % 4u]; }`
+    : `@group(0) @binding(1) var<storage, read> logits: array<f32>;
+fn lg(i: u32) -> f32 { return logits[i]; }`;
   return `${STEP_WGSL}
 @group(0) @binding(0) var<uniform> step: Step;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;
+${logitsDecl}
 @group(0) @binding(2) var<storage, read_write> tokens: array<u32>;
 var<workgroup> rv: array<f32, ${WG}>;
 var<workgroup> ri: array<u32, ${WG}>;
@@ -39,7 +62,7 @@ fn sum_all(lid: u32, v: f32) -> f32 {
   return workgroupUniformLoad(&rv[0]);
 }
 
-fn prob(i: u32, m: f32, invt: f32) -> f32 { return exp((logits[i] - m) * invt); }
+fn prob(i: u32, m: f32, invt: f32) -> f32 { return exp((lg(i) - m) * invt); }
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(local_invocation_index) lid: u32) {
@@ -47,7 +70,8 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   var best = -3.4e38;
   var bi = 0u;
   for (var i = lid; i < ${vocab}u; i += ${WG}u) {
-    if (logits[i] > best) { best = logits[i]; bi = i; }
+    let v = lg(i);
+    if (v > best) { best = v; bi = i; }
   }
   rv[lid] = best;
   ri[lid] = bi;
@@ -137,7 +161,12 @@ fn main(@builtin(local_invocation_index) lid: u32) {
 }`;
 }
 
-export function samplePipeline(gpu: Gpu, vocab: number): GPUComputePipeline {
-  return gpu.pipeline(`sample_${vocab}`, () => sampleWgsl(vocab));
+export function samplePipeline(
+  gpu: Gpu,
+  vocab: number,
+  opts: SampleOptions = {},
+): GPUComputePipeline {
+  const key = `sample_${vocab}_w${opts.wg ?? 256}${opts.logitsUniform ? "U" : ""}`;
+  return gpu.pipeline(key, () => sampleWgsl(vocab, opts));
 }
 /** Bindings: step, logits, tokens. Grid: one workgroup. */

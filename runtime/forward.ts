@@ -6,12 +6,18 @@
 import type { ModelConfig } from "./config.ts";
 import type { DenseMatrix, GpuWeights, LayerWeights, Matrix } from "./gpu_weights.ts";
 import type { RunState } from "./run_state.ts";
-import { type Gpu } from "../kernels/gpu.ts";
+import { align, type Bindable, type Gpu } from "../kernels/gpu.ts";
 import { embedGrid, embedPipeline } from "../kernels/embed.ts";
 import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
-import { type Epilogue } from "../kernels/epilogue.ts";
+import { type Epilogue, unitCount } from "../kernels/epilogue.ts";
 import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
-import { matmulBindings, matmulGrid, matmulPipeline } from "../kernels/matmul.ts";
+import {
+  matmulBindings,
+  matmulGrid,
+  matmulPipeline,
+  matmulShape,
+  type MatmulVariant,
+} from "../kernels/matmul.ts";
 import {
   matvecQBindings,
   matvecQGrid,
@@ -24,8 +30,8 @@ import {
   matmulQPipeline,
   matmulQShape,
 } from "../kernels/matmul_q.ts";
-import { attentionGrid, attentionPipeline } from "../kernels/attention.ts";
-import { samplePipeline } from "../kernels/sample.ts";
+import { attentionGrid, attentionGroup, attentionPipeline } from "../kernels/attention.ts";
+import { sampleOptions, samplePipeline } from "../kernels/sample.ts";
 
 /** One compute dispatch, its grid a function of the step's token count. */
 export interface Dispatch {
@@ -43,11 +49,28 @@ export function encodeDispatches(pass: GPUComputePassEncoder, list: Dispatch[], 
   }
 }
 
-type Buffers = Record<string, GPUBuffer>;
+/** Resources by binding name: buffers, buffer ranges, textures. */
+type Buffers = Record<string, Bindable>;
 
 /** A "store" epilogue shifted to a row chunk's place in the output. */
 function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
   return e.kind === "store" ? { ...e, offset: e.offset + rowStart } : e;
+}
+
+/**
+ * A CPU shape with `upt` units per thread and 8 threads per workgroup, its units per thread halved
+ * while it would leave fewer than 4 workgroups, so that small matrices still spread over the
+ * cores (on lavapipe a workgroup runs on one thread). Other shapes are returned as they are.
+ */
+function spread<S extends { tpr: number; upw: number; upt?: number }>(
+  shape: S,
+  units: number,
+  gpu: Gpu,
+): S {
+  if (!gpu.isCpu || shape.tpr !== 1 || !shape.upt || shape.upw !== 8 * shape.upt) return shape;
+  let upt = shape.upt;
+  while (upt > 1 && Math.ceil(units / (8 * upt)) < 4) upt = Math.ceil(upt / 2);
+  return { ...shape, upt, upw: 8 * upt };
 }
 
 /** Builds dispatches from pipelines and named buffers. */
@@ -59,7 +82,24 @@ export class Builder {
     return this.gpu.bindGroup(pipeline, names.map((n) => bufs[n] ?? s[n]), label);
   }
 
-  /** y = epilogue(W · x) for one token, with an optional fused RMSNorm (weight g). */
+  /**
+   * `{ buffer, size }` binding the first `bytes` of `r` as a uniform buffer, or null where that
+   * is not worth it or not possible: GPU adapters, buffers without UNIFORM usage, sizes over the
+   * adapter's uniform binding limit.
+   */
+  uniform(r: Bindable | undefined, bytes: number): GPUBufferBinding | null {
+    if (!this.gpu.isCpu || !(r instanceof GPUBuffer)) return null;
+    const size = align(bytes, 16);
+    // the kernels size their uniform arrays for WebGPU's default limit of 64 KiB
+    const limit = Math.min(65536, this.gpu.device.limits.maxUniformBufferBindingSize);
+    const ok = (r.usage & GPUBufferUsage.UNIFORM) !== 0 && size <= r.size && size <= limit;
+    return ok ? { buffer: r, size } : null;
+  }
+
+  /**
+   * y = epilogue(W · x) for one token, with an optional fused RMSNorm (weight g). On CPU adapters
+   * (texture weights) x and g are bound as uniform buffers where they can be.
+   */
   matvec(
     W: Matrix,
     epilogue: Epilogue,
@@ -68,10 +108,19 @@ export class Builder {
     label: string,
   ): Dispatch[] {
     const norm = eps === null ? null : { eps };
+    const s = this.state as unknown as Buffers;
+    const tex = W.weights === "texture";
+    let xb: Buffers = {};
+    if (tex) {
+      const x = this.uniform(bufs.x ?? s.x, W.K * 4);
+      const g = norm ? this.uniform(bufs.g, W.K * 4) : null;
+      if (x && (g || !norm)) xb = norm ? { x, g: g! } : { x };
+    }
+    const xUniform = "x" in xb;
     if (W.format === "q") {
       return W.chunks.map((c) => {
-        const e = chunkEpilogue(epilogue, c.rowStart);
-        const shape = matvecQShape(this.gpu, W.K, 1, e);
+        const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
+        const shape = spread(matvecQShape(this.gpu, W.K, 1, e), unitCount(e, c.rows), this.gpu);
         const v = {
           bits: W.bits,
           groupSize: W.groupSize,
@@ -80,43 +129,54 @@ export class Builder {
           norm,
           epilogue: e,
           batch: 1,
+          weights: W.weights,
+          xUniform,
           ...shape,
         };
         const pipeline = matvecQPipeline(this.gpu, v);
-        const bufs2 = { ...bufs, qweight: c.qweight, sz: c.sz };
+        const bufs2 = { ...bufs, ...xb, qweight: c.qweight, sz: c.sz };
         const bindGroup = this.bind(pipeline, matvecQBindings(v), bufs2, label);
         const g = matvecQGrid(v);
         return { pipeline, bindGroup, grid: () => g };
       });
     }
     return W.chunks.map((c) => {
-      const e = chunkEpilogue(epilogue, c.rowStart);
+      const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
       const v = {
         format: W.format,
         rows: c.rows,
         K: W.K,
         norm,
         epilogue: e,
-        ...matvecShape(this.gpu, W.K),
+        weights: W.weights,
+        xUniform,
+        ...spread(matvecShape(this.gpu, W.K, W.weights, e), unitCount(e, c.rows), this.gpu),
       };
       const pipeline = matvecPipeline(this.gpu, v);
-      const bindGroup = this.bind(pipeline, matvecBindings(v), { ...bufs, w: c.buffer }, label);
+      const bufs2 = { ...bufs, ...xb, w: c.data };
+      const bindGroup = this.bind(pipeline, matvecBindings(v), bufs2, label);
       const g = matvecGrid(v);
       return { pipeline, bindGroup, grid: () => g };
     });
+  }
+
+  /** The qkv epilogue writes the KV cache in the run state's layout. */
+  kvEpilogue(e: Epilogue): Epilogue {
+    return e.kind === "qkv" ? { ...e, kv: this.state.kv } : e;
   }
 
   /** epilogue(W · x[t]) for each of the step's tokens. */
   matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
     if (W.format === "q") {
       return W.chunks.map((c) => {
-        const e = chunkEpilogue(epilogue, c.rowStart);
+        const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
         const v = {
           bits: W.bits,
           groupSize: W.groupSize,
           rows: c.rows,
           K: W.K,
           epilogue: e,
+          weights: W.weights,
           ...matmulQShape(this.gpu, e),
         };
         const pipeline = matmulQPipeline(this.gpu, v);
@@ -126,10 +186,17 @@ export class Builder {
       });
     }
     return W.chunks.map((c) => {
-      const e = chunkEpilogue(epilogue, c.rowStart);
-      const v = { format: W.format, rows: c.rows, K: W.K, epilogue: e };
+      const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
+      const v: MatmulVariant = {
+        format: W.format,
+        rows: c.rows,
+        K: W.K,
+        epilogue: e,
+        weights: W.weights,
+        ...(W.weights === "texture" ? matmulShape(e) : {}),
+      };
       const pipeline = matmulPipeline(this.gpu, v);
-      const bindGroup = this.bind(pipeline, matmulBindings(v), { ...bufs, w: c.buffer }, label);
+      const bindGroup = this.bind(pipeline, matmulBindings(v), { ...bufs, w: c.data }, label);
       return { pipeline, bindGroup, grid: (n: number) => matmulGrid(v, n) };
     });
   }
@@ -142,25 +209,42 @@ export class Builder {
 
   embed(E: DenseMatrix): Dispatch[] {
     return E.chunks.map((c) => {
-      const v = { format: E.format, dim: E.K, rowStart: c.rowStart, rows: c.rows };
+      const v = {
+        format: E.format,
+        dim: E.K,
+        rowStart: c.rowStart,
+        rows: c.rows,
+        weights: E.weights,
+      };
       const pipeline = embedPipeline(this.gpu, v);
-      const bindGroup = this.bind(pipeline, ["step", "tokens", "e", "x"], { e: c.buffer }, "embed");
+      const bindGroup = this.bind(pipeline, ["step", "tokens", "e", "x"], { e: c.data }, "embed");
       return { pipeline, bindGroup, grid: (n: number) => embedGrid(v, n) };
     });
   }
 
-  attention(c: ModelConfig, l: number): Dispatch {
+  /**
+   * att = softmax(q·Kᵀ/√d)·V for the step's tokens over layer l's cache; `decode` (one token)
+   * lets CPU adapters read q as a uniform buffer.
+   */
+  attention(c: ModelConfig, l: number, decode = false): Dispatch {
+    const tex = this.state.kv === "texture";
+    const qd = c.nHeads * c.headDim;
+    const q = tex && decode && qd % 4 === 0 ? this.uniform(this.state.q, qd * 4) : null;
     const v = {
       nHeads: c.nHeads,
       nKvHeads: c.nKvHeads,
       headDim: c.headDim,
-      wg: this.gpu.isCpu ? 32 : 64,
+      wg: tex ? 8 : this.gpu.isCpu ? 32 : 64,
+      kv: this.state.kv,
+      qUniform: q !== null,
+      gq: tex ? attentionGroup(c.nHeads, c.nKvHeads, c.headDim) : 1,
     };
     const pipeline = attentionPipeline(this.gpu, v);
-    const bufs = {
+    const bufs: Buffers = {
       kcache: this.state.kcache[l],
       vcache: this.state.vcache[l],
       out: this.state.att,
+      ...(q ? { q } : {}),
     };
     const bindGroup = this.bind(
       pipeline,
@@ -172,8 +256,15 @@ export class Builder {
   }
 
   sample(vocab: number): Dispatch {
-    const pipeline = samplePipeline(this.gpu, vocab);
-    const bindGroup = this.bind(pipeline, ["step", "logits", "tokens"], {}, "sample");
+    const opts = sampleOptions(this.gpu, vocab);
+    const pipeline = samplePipeline(this.gpu, vocab, opts);
+    const logits = opts.logitsUniform ? this.uniform(this.state.logits, vocab * 4) : null;
+    const bindGroup = this.bind(
+      pipeline,
+      ["step", "logits", "tokens"],
+      logits ? { logits } : {},
+      "sample",
+    );
     return { pipeline, bindGroup, grid: () => [1] };
   }
 }
@@ -206,7 +297,7 @@ export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunStat
     const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
     // q, k, v = rmsnorm(x) · Wqkv, RoPE, k and v into the cache
     decode.push(...b.matvec(L.wqkv, qkv, { g: L.attnNorm, ...kv }, eps, `qkv.${l}`));
-    decode.push(b.attention(c, l)); // att = softmax(q·Kᵀ/√d) · V
+    decode.push(b.attention(c, l, true)); // att = softmax(q·Kᵀ/√d) · V
     decode.push(...b.matvec(L.wo, { kind: "add" }, { x: s.att, y: s.x }, null, `wo.${l}`)); // x += Wo·att
     // h = silu(W1·rmsnorm(x)) * (W3·rmsnorm(x))
     decode.push(...b.matvec(L.w13, gateup, { g: L.ffnNorm, y: s.h }, eps, `w13.${l}`));

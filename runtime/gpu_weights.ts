@@ -6,25 +6,55 @@
 import type { Checkpoint } from "./checkpoint.ts";
 import { type ModelConfig, tensorNames as T } from "./config.ts";
 import { GpuError, ShapeError } from "./errors.ts";
-import { bytesPer, type DenseFormat } from "../kernels/common.ts";
+import {
+  bytesPer,
+  DENSE_TEX_WIDTH,
+  type DenseFormat,
+  denseRowTexels,
+  denseTexels,
+  denseTextureFormat,
+  texSize,
+  type WeightSource,
+  writeTexels,
+} from "../kernels/common.ts";
+import { denseTexMaxRows } from "../kernels/dense_texture.ts";
+import { createQTextures } from "../kernels/matvec_q.ts";
 import { type Gpu, STORAGE } from "../kernels/gpu.ts";
 
-/** A dense weight matrix (rows, K), split into row chunks that each fit one binding. */
+/**
+ * A dense weight matrix (rows, K), split into row chunks that each fit one binding: storage
+ * buffers, or on CPU adapters textures (`weights: "texture"`, layout in kernels/common.ts).
+ */
 export interface DenseMatrix {
   format: DenseFormat;
+  weights: WeightSource;
   rows: number;
   K: number;
-  chunks: { rowStart: number; rows: number; buffer: GPUBuffer }[];
+  chunks: { rowStart: number; rows: number; data: GPUBuffer | GPUTexture }[];
 }
 
-/** A decoupleQ-packed matrix (layout in docs/FORMAT.md), split into row chunks likewise. */
+/**
+ * A decoupleQ-packed matrix (layout in docs/FORMAT.md), split into row chunks likewise: storage
+ * buffers, or on CPU adapters textures (kernels/matvec_q.ts createQTextures).
+ */
 export interface PackedMatrix {
   format: "q";
+  weights: WeightSource;
   bits: 2 | 3 | 4;
   groupSize: number; // 0 = one group per row
   rows: number;
   K: number;
-  chunks: { rowStart: number; rows: number; qweight: GPUBuffer; sz: GPUBuffer }[];
+  chunks: {
+    rowStart: number;
+    rows: number;
+    qweight: GPUBuffer | GPUTexture;
+    sz: GPUBuffer | GPUTexture;
+  }[];
+}
+
+/** Where an adapter's weights go: textures on CPU adapters, storage buffers on GPUs. */
+export function weightSource(gpu: Gpu): WeightSource {
+  return gpu.isCpu ? "texture" : "buffer";
 }
 
 export type Matrix = DenseMatrix | PackedMatrix;
@@ -88,11 +118,15 @@ class Uploader {
     this.onProgress(this.bytes, this.total);
   }
 
-  /** A 1-D f32 vector (norm weight, bias): one or more tensors concatenated. */
+  /**
+   * A 1-D f32 vector (norm weight, bias): one or more tensors concatenated. Also a uniform buffer:
+   * decode kernels on CPU adapters read norm weights as uniforms.
+   */
   async vector(label: string, names: string[]): Promise<GPUBuffer> {
     const parts = await Promise.all(names.map((n) => this.ckpt.read(n)));
     const total = parts.reduce((a, p) => a + p.length, 0);
-    const buf = this.gpu.buffer(label, total * 4, STORAGE | GPUBufferUsage.COPY_DST);
+    const usage = STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST;
+    const buf = this.gpu.buffer(label, total * 4, usage);
     let off = 0;
     for (const p of parts) {
       this.write(buf, off, p);
@@ -126,6 +160,32 @@ class Uploader {
     const rows = infos.reduce((a, t) => a + t.shape[0], 0);
     const qWords = bits * Math.ceil(K / 32),
       szWords = groupSize === 0 ? 1 : Math.ceil(K / groupSize);
+    const weights = weightSource(this.gpu);
+    if (weights === "texture") {
+      // textures are written whole: gather the tensors' words on the host
+      const qweight = new Uint32Array(rows * qWords), sz = new Uint32Array(rows * szWords);
+      let r = 0;
+      for (const t of infos) {
+        const p = await this.ckpt.readPacked!(t.name);
+        qweight.set(p.qweight, r * qWords);
+        sz.set(p.sz, r * szWords);
+        r += t.shape[0];
+      }
+      const tex = createQTextures(this.gpu, { qweight, sz }, bits, label);
+      this.pending += qweight.byteLength + sz.byteLength;
+      this.bytes += qweight.byteLength + sz.byteLength;
+      this.onProgress(this.bytes, this.total);
+      await this.flushIfNeeded();
+      return {
+        format: "q",
+        weights,
+        bits,
+        groupSize,
+        rows,
+        K,
+        chunks: [{ rowStart: 0, rows, qweight: tex.qweight, sz: tex.sz }],
+      };
+    }
     const maxRows = Math.floor(this.gpu.maxBinding / (qWords * 4));
     if (rows > maxRows) {
       throw new GpuError(
@@ -143,7 +203,15 @@ class Uploader {
       r += t.shape[0];
       await this.flushIfNeeded();
     }
-    return { format: "q", bits, groupSize, rows, K, chunks: [{ rowStart: 0, rows, qweight, sz }] };
+    return {
+      format: "q",
+      weights,
+      bits,
+      groupSize,
+      rows,
+      K,
+      chunks: [{ rowStart: 0, rows, qweight, sz }],
+    };
   }
 
   /** A matrix made of the given tensors stacked row-wise, chunked to the binding limit. */
@@ -169,25 +237,45 @@ class Uploader {
   }
 }
 
-/** A dense (rows, K) matrix in row chunks that each fit one binding; contents unset. */
+/**
+ * A dense (rows, K) matrix in row chunks that each fit one binding (buffers) or one texture;
+ * contents unset. `weights` defaults to the adapter's choice ({@link weightSource}).
+ */
 export function allocDense(
   gpu: Gpu,
   label: string,
   rows: number,
   K: number,
   format: DenseFormat,
+  weights: WeightSource = weightSource(gpu),
 ): DenseMatrix {
   if (K % 4 !== 0) throw new ShapeError(`${label}: inner dimension ${K} is not a multiple of 4`);
+  const chunks: DenseMatrix["chunks"] = [];
+  if (weights === "texture") {
+    const maxDim = gpu.device.limits.maxTextureDimension2D;
+    const maxRows = denseTexMaxRows(K, format, maxDim);
+    if (maxRows < 1) throw new GpuError(`${label}: one row exceeds the adapter's texture limit`);
+    for (let r = 0; r < rows; r += maxRows) {
+      const n = Math.min(maxRows, rows - r);
+      const texture = gpu.device.createTexture({
+        label: `${label}[${r}]`,
+        size: texSize(n * denseRowTexels(K, format), DENSE_TEX_WIDTH),
+        format: denseTextureFormat(format),
+        usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
+      });
+      chunks.push({ rowStart: r, rows: n, data: texture });
+    }
+    return { format, weights, rows, K, chunks };
+  }
   const rowBytes = K * bytesPer(format);
   const maxRows = Math.floor(gpu.maxBinding / rowBytes);
   if (maxRows < 1) throw new GpuError(`${label}: one row exceeds the adapter's binding limit`);
-  const chunks: DenseMatrix["chunks"] = [];
   for (let r = 0; r < rows; r += maxRows) {
     const n = Math.min(maxRows, rows - r);
     const buffer = gpu.buffer(`${label}[${r}]`, n * rowBytes, STORAGE | GPUBufferUsage.COPY_DST);
-    chunks.push({ rowStart: r, rows: n, buffer });
+    chunks.push({ rowStart: r, rows: n, data: buffer });
   }
-  return { format, rows, K, chunks };
+  return { format, weights, rows, K, chunks };
 }
 
 /**
@@ -195,14 +283,29 @@ export function allocDense(
  * the matrix's format); a run of rows may straddle chunks. Returns the bytes queued.
  */
 export function writeDenseRows(gpu: Gpu, M: DenseMatrix, row0: number, data: Float32Array): number {
-  const K = M.K, n = data.length / K, rowBytes = K * bytesPer(M.format);
+  const K = M.K, n = data.length / K;
+  if (M.weights === "texture") {
+    const RT = denseRowTexels(K, M.format);
+    let bytes = 0;
+    for (let r = 0; r < n;) {
+      const c = M.chunks.find((c) => row0 + r < c.rowStart + c.rows)!;
+      const take = Math.min(n - r, c.rowStart + c.rows - (row0 + r));
+      const words = denseTexels(data.subarray(r * K, (r + take) * K), K, M.format);
+      const start = (row0 + r - c.rowStart) * RT;
+      writeTexels(gpu.device, c.data as GPUTexture, DENSE_TEX_WIDTH, start, words);
+      bytes += words.byteLength;
+      r += take;
+    }
+    return bytes;
+  }
+  const rowBytes = K * bytesPer(M.format);
   const conv = M.format === "f32" ? data : new Float16Array(data);
   for (let r = 0; r < n;) {
     const c = M.chunks.find((c) => row0 + r < c.rowStart + c.rows)!;
     const take = Math.min(n - r, c.rowStart + c.rows - (row0 + r));
     const sub = conv.subarray(r * K, (r + take) * K);
     gpu.device.queue.writeBuffer(
-      c.buffer,
+      c.data as GPUBuffer,
       (row0 + r - c.rowStart) * rowBytes,
       sub.buffer as ArrayBuffer,
       sub.byteOffset,

@@ -2,6 +2,7 @@
 import { type ModelConfig, ropeInvFreq } from "./config.ts";
 import { type Gpu, STORAGE } from "../kernels/gpu.ts";
 import { STEP_BYTES } from "../kernels/common.ts";
+import type { KvSource } from "../kernels/epilogue.ts";
 
 export interface RunState {
   ctx: number; // positions the KV cache holds
@@ -16,18 +17,43 @@ export interface RunState {
   h: GPUBuffer; // (maxT, hidden) FFN activation
   logits: GPUBuffer; // (vocab)
   rope: GPUBuffer; // (ctx, headDim/2) cos, sin
-  kcache: GPUBuffer[]; // per layer (ctx, nKvHeads·headDim)
-  vcache: GPUBuffer[]; // per layer (ctx, nKvHeads·headDim)
+  /** KV cache layout (kernels/epilogue.ts KvSource): textures on CPU adapters. */
+  kv: KvSource;
+  kcache: (GPUBuffer | GPUTexture)[]; // per layer (ctx, nKvHeads·headDim)
+  vcache: (GPUBuffer | GPUTexture)[]; // per layer (ctx, nKvHeads·headDim)
   bytes: number;
+}
+
+/**
+ * Activations are storage buffers that decode kernels on CPU adapters also bind as uniforms (a
+ * broadcast load on lavapipe, where storage loads are per-lane loops).
+ */
+const ACT_USAGE = STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_SRC |
+  GPUBufferUsage.COPY_DST;
+
+/** The KV layout for an adapter and cache shape: textures on CPU adapters where they fit. */
+export function kvSource(gpu: Gpu, ctx: number, kvd: number): KvSource {
+  const max = gpu.device.limits.maxTextureDimension2D;
+  return gpu.isCpu && ctx <= max && kvd / 2 <= max ? "texture" : "buffer";
 }
 
 export function createRunState(gpu: Gpu, c: ModelConfig, ctx: number, maxT: number): RunState {
   const qd = c.nHeads * c.headDim, kvd = c.nKvHeads * c.headDim;
-  const rw = STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
   let bytes = 0;
   const f32 = (label: string, n: number) => {
     bytes += n * 4;
-    return gpu.buffer(label, n * 4, rw);
+    return gpu.buffer(label, n * 4, ACT_USAGE);
+  };
+  const kv = kvSource(gpu, ctx, kvd);
+  const cache = (label: string) => {
+    if (kv === "buffer") return f32(label, ctx * kvd);
+    bytes += ctx * kvd * 4;
+    return gpu.device.createTexture({
+      label,
+      size: [kvd / 2, ctx],
+      format: "rg32uint",
+      usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.STORAGE_BINDING,
+    });
   };
   // RoPE table in float64, stored as f32 (WGSL sin/cos are inexact far from zero)
   const inv = ropeInvFreq(c), half = c.headDim / 2;
@@ -42,7 +68,7 @@ export function createRunState(gpu: Gpu, c: ModelConfig, ctx: number, maxT: numb
     ctx,
     maxT,
     step: gpu.buffer("step", STEP_BYTES, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST),
-    tokens: gpu.buffer("tokens", (ctx + 1) * 4, rw),
+    tokens: gpu.buffer("tokens", (ctx + 1) * 4, ACT_USAGE),
     x: f32("x", maxT * c.dim),
     xn: f32("xn", maxT * c.dim),
     xlast: f32("xlast", c.dim),
@@ -51,8 +77,9 @@ export function createRunState(gpu: Gpu, c: ModelConfig, ctx: number, maxT: numb
     h: f32("h", maxT * c.hiddenDim),
     logits: f32("logits", c.vocabSize),
     rope: gpu.upload("rope", table),
-    kcache: Array.from({ length: c.nLayers }, (_, l) => f32(`kcache.${l}`, ctx * kvd)),
-    vcache: Array.from({ length: c.nLayers }, (_, l) => f32(`vcache.${l}`, ctx * kvd)),
+    kv,
+    kcache: Array.from({ length: c.nLayers }, (_, l) => cache(`kcache.${l}`)),
+    vcache: Array.from({ length: c.nLayers }, (_, l) => cache(`vcache.${l}`)),
     bytes: bytes + table.byteLength,
   };
 }

@@ -5,7 +5,8 @@ import { ReferenceModel } from "../runtime/reference.ts";
 import { GpuModel, GREEDY } from "../runtime/model.ts";
 import { loadTokenizer } from "../runtime/load_tokenizer.ts";
 import type { Checkpoint } from "../runtime/checkpoint.ts";
-import { haveShared, maxAbsDiff, sharedPath, testGpu } from "./helpers.ts";
+import { haveShared, maxAbsDiff, sharedPath, testGpu, testGpuLayout } from "./helpers.ts";
+import type { Gpu } from "../kernels/gpu.ts";
 import { writeSyntheticHfCheckpoint } from "./synthetic.ts";
 
 const haveStories = await haveShared(
@@ -15,8 +16,8 @@ const haveStories = await haveShared(
 const haveNovels = await haveShared("models/novels-5M", "data/novels/heldout.txt");
 
 /** Max |GPU − reference| over every position of `ids`, and max |prefill − decode|. */
-async function compare(ckpt: Checkpoint, ids: number[], maxT: number) {
-  const model = await GpuModel.load(await testGpu(), ckpt, { dtype: "f32", maxT });
+async function compare(ckpt: Checkpoint, ids: number[], maxT: number, gpu?: Gpu) {
+  const model = await GpuModel.load(gpu ?? await testGpu(), ckpt, { dtype: "f32", maxT });
   const ref = await ReferenceModel.load(ckpt);
   const V = ckpt.config.vocabSize;
   const prefill = await model.logitsAt(0, ids);
@@ -49,10 +50,13 @@ Deno.test({
       64,
     );
     const ckpt = await openCheckpoint(sharedPath("models/stories260K-hf"));
-    // maxT 24: the prompt runs as three prefill steps (24 + 24 + 16)
-    const { refErr, decodeErr } = await compare(ckpt, ids, 24);
-    assert.ok(refErr < 1e-3, `GPU vs reference: ${refErr}`);
-    assert.ok(decodeErr < 1e-4, `prefill vs decode: ${decodeErr}`);
+    // maxT 24: the prompt runs as three prefill steps (24 + 24 + 16); this adapter's layout
+    // (textures on CPU adapters) and the GPU one (storage buffers)
+    for (const gpu of [await testGpu(), await testGpuLayout()]) {
+      const { refErr, decodeErr } = await compare(ckpt, ids, 24, gpu);
+      assert.ok(refErr < 1e-3, `${gpu.adapterName}: GPU vs reference: ${refErr}`);
+      assert.ok(decodeErr < 1e-4, `${gpu.adapterName}: prefill vs decode: ${decodeErr}`);
+    }
   },
 });
 

@@ -1,5 +1,5 @@
 /** Shared test plumbing: paths into ../shared (skipping cleanly without it) and one GPU. */
-import { createGpu, type Gpu } from "../kernels/gpu.ts";
+import { createGpu, Gpu } from "../kernels/gpu.ts";
 
 /** Absolute path of `rel` under the shared data folder beside the project. */
 export function sharedPath(rel: string): string {
@@ -23,6 +23,15 @@ let gpu: Promise<Gpu> | null = null;
 export function testGpu(): Promise<Gpu> {
   gpu ??= createGpu();
   return gpu;
+}
+
+/**
+ * The test device as a GPU adapter would run it (isCpu false: weights and KV cache in storage
+ * buffers, split-K thread shapes), so that CI on lavapipe also covers the GPU layout end to end.
+ */
+export async function testGpuLayout(): Promise<Gpu> {
+  const g = await testGpu();
+  return new Gpu(g.device, `${g.adapterName} (GPU layout)`, g.shaderF16, g.timestamps, false);
 }
 
 export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {

@@ -4,7 +4,8 @@
  */
 import { packStep, type StepParams } from "../kernels/common.ts";
 import type { DenseFormat } from "../kernels/common.ts";
-import type { Gpu } from "../kernels/gpu.ts";
+import { type Bindable, bindingResource, type Gpu } from "../kernels/gpu.ts";
+import { allocDense, writeDenseRows } from "../runtime/gpu_weights.ts";
 
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
@@ -12,22 +13,60 @@ const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COP
 export interface Job {
   pipeline: GPUComputePipeline;
   names: string[];
-  bufs: Record<string, GPUBuffer>;
+  bufs: Record<string, Bindable>;
   grid: number[];
 }
 
+/**
+ * The KV-cache texture layout (KvSource "texture", kernels/epilogue.ts) of a (ctx, kvd) array:
+ * texel (head·hd/2 + i, pos) holds elements i and i + hd/2 of that head. Returns 2 words per
+ * texel, row-major.
+ */
+export function kvPairs(a: Float32Array, kvd: number, hd: number): Uint32Array<ArrayBuffer> {
+  const f = new Float32Array(a.length), half = hd / 2, ctx = a.length / kvd;
+  for (let p = 0; p < ctx; p++) {
+    for (let h = 0; h < kvd / hd; h++) {
+      for (let i = 0; i < half; i++) {
+        const o = p * kvd + h * hd + i, t = p * kvd + 2 * (h * half + i);
+        f[t] = a[o];
+        f[t + 1] = a[o + half];
+      }
+    }
+  }
+  return new Uint32Array(f.buffer);
+}
+
+/** The inverse of {@link kvPairs}. */
+export function kvUnpairs(words: Uint32Array, kvd: number, hd: number): Float32Array {
+  const f = new Float32Array(words.buffer, words.byteOffset, words.length);
+  const a = new Float32Array(f.length), half = hd / 2, ctx = f.length / kvd;
+  for (let p = 0; p < ctx; p++) {
+    for (let h = 0; h < kvd / hd; h++) {
+      for (let i = 0; i < half; i++) {
+        const o = p * kvd + h * hd + i, t = p * kvd + 2 * (h * half + i);
+        a[o] = f[t];
+        a[o + half] = f[t + 1];
+      }
+    }
+  }
+  return a;
+}
+
 export class Harness {
-  #owned: GPUBuffer[] = [];
+  #owned: (GPUBuffer | GPUTexture)[] = [];
   constructor(readonly gpu: Gpu) {}
 
   get device(): GPUDevice {
     return this.gpu.device;
   }
 
-  /** A read-write storage buffer holding `data` (padded to a multiple of 16 bytes). */
-  buffer(data: ArrayBufferView, label = "buf"): GPUBuffer {
+  /**
+   * A read-write storage buffer holding `data` (padded to a multiple of 16 bytes), with
+   * `extraUsage` (e.g. UNIFORM).
+   */
+  buffer(data: ArrayBufferView, label = "buf", extraUsage = 0): GPUBuffer {
     const size = Math.max(16, Math.ceil(data.byteLength / 16) * 16);
-    const buf = this.device.createBuffer({ label, size, usage: RW });
+    const buf = this.device.createBuffer({ label, size, usage: RW | extraUsage });
     const bytes = new Uint8Array(size);
     bytes.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
     this.device.queue.writeBuffer(buf, 0, bytes);
@@ -48,18 +87,82 @@ export class Harness {
     return buf;
   }
 
+  /** `{ buffer, size }`: the first `bytes` of a buffer, for a uniform binding. */
+  uniform(data: ArrayBufferView, bytes: number, label = "uniform"): GPUBufferBinding {
+    const buffer = this.buffer(data, label, GPUBufferUsage.UNIFORM);
+    return { buffer, size: Math.ceil(bytes / 16) * 16 };
+  }
+
   /** Dense weights (rows·K values) in `format`: f32 as is, f16/f16p as f16 bit patterns. */
   weights(w: Float32Array, format: DenseFormat): GPUBuffer {
     return this.buffer(format === "f32" ? w : new Float16Array(w), `w.${format}`);
   }
 
-  bindGroup(pipeline: GPUComputePipeline, names: string[], bufs: Record<string, GPUBuffer>) {
+  /**
+   * Dense weights (rows·K values) as a texture in the layout of the runtime's loader
+   * (allocDense / writeDenseRows), written in a few uneven runs of rows so that runs start and
+   * end inside texture rows.
+   */
+  weightTexture(w: Float32Array, K: number, format: DenseFormat): GPUTexture {
+    const rows = w.length / K;
+    const M = allocDense(this.gpu, `w.${format}`, rows, K, format, "texture");
+    if (M.chunks.length !== 1) throw new Error("test weights should fit one texture");
+    for (const [a, b] of [[0, Math.min(rows, 3)], [Math.min(rows, 3), rows]]) {
+      if (b > a) writeDenseRows(this.gpu, M, a, w.subarray(a * K, b * K));
+    }
+    const tex = M.chunks[0].data as GPUTexture;
+    this.#owned.push(tex);
+    return tex;
+  }
+
+  /** A KV-cache texture (kvd/2, ctx) rg32uint holding `a` (ctx, kvd) in the paired layout. */
+  kvTexture(a: Float32Array, kvd: number, hd: number): GPUTexture {
+    const ctx = a.length / kvd;
+    const tex = this.device.createTexture({
+      label: "kv",
+      size: [kvd / 2, ctx],
+      format: "rg32uint",
+      usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.STORAGE_BINDING |
+        GPUTextureUsage.COPY_DST | GPUTextureUsage.COPY_SRC,
+    });
+    this.device.queue.writeTexture({ texture: tex }, kvPairs(a, kvd, hd), {
+      bytesPerRow: kvd * 4,
+    }, [kvd / 2, ctx]);
+    this.#owned.push(tex);
+    return tex;
+  }
+
+  /** Reads a KV-cache texture back as (ctx, kvd) values. */
+  async readKvTexture(tex: GPUTexture, kvd: number, hd: number): Promise<Float32Array> {
+    const ctx = tex.height, row = kvd * 4, stride = Math.ceil(row / 256) * 256;
+    const staging = this.device.createBuffer({
+      size: stride * ctx,
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
+    const enc = this.device.createCommandEncoder();
+    enc.copyTextureToBuffer({ texture: tex }, { buffer: staging, bytesPerRow: stride }, [
+      kvd / 2,
+      ctx,
+    ]);
+    this.device.queue.submit([enc.finish()]);
+    await staging.mapAsync(GPUMapMode.READ);
+    const all = new Uint8Array(staging.getMappedRange());
+    const words = new Uint32Array(ctx * kvd);
+    for (let p = 0; p < ctx; p++) {
+      words.set(new Uint32Array(all.slice(p * stride, p * stride + row).buffer), p * kvd);
+    }
+    staging.unmap();
+    staging.destroy();
+    return kvUnpairs(words, kvd, hd);
+  }
+
+  bindGroup(pipeline: GPUComputePipeline, names: string[], bufs: Record<string, Bindable>) {
     return this.device.createBindGroup({
       layout: pipeline.getBindGroupLayout(0),
       entries: names.map((n, binding) => {
-        const buffer = bufs[n];
-        if (!buffer) throw new Error(`no buffer named ${n} (bindings: ${names.join(", ")})`);
-        return { binding, resource: { buffer } };
+        const r = bufs[n];
+        if (!r) throw new Error(`no buffer named ${n} (bindings: ${names.join(", ")})`);
+        return { binding, resource: bindingResource(r) };
       }),
     });
   }
@@ -102,7 +205,7 @@ export class Harness {
     return new Uint32Array(await this.#read(buf, n * 4));
   }
 
-  /** Destroys every buffer this harness created. */
+  /** Destroys every buffer and texture this harness created. */
   release(): void {
     for (const b of this.#owned) b.destroy();
     this.#owned = [];

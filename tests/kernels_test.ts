@@ -2,11 +2,15 @@
  * Every WGSL kernel against a plain float64 TypeScript reference, on odd shapes: units not a
  * multiple of the workgroup size, K a multiple of 4 but not of 32, token counts not a multiple of
  * the prefill token tile, pos ≠ 0, each dense format, both matvec thread shapes (one thread per
- * unit as on CPUs, a split K as on GPUs: CI only has lavapipe, so both are checked here).
+ * unit as on CPUs, a split K as on GPUs: CI only has lavapipe, so both are checked here). The
+ * CPU-adapter variants too: dense weights in textures (matvec with x and g from uniform or storage
+ * buffers, matmul), the KV cache in textures (qkv epilogue, attention), the embedding table in a
+ * texture, and the one-SIMD-group sampler with uniform or storage logits.
  */
 import assert from "node:assert/strict";
-import type { DenseFormat } from "../kernels/common.ts";
-import type { Epilogue } from "../kernels/epilogue.ts";
+import type { DenseFormat, WeightSource } from "../kernels/common.ts";
+import type { Epilogue, KvSource } from "../kernels/epilogue.ts";
+import type { Bindable } from "../kernels/gpu.ts";
 import {
   matvecBindings,
   matvecGrid,
@@ -22,7 +26,7 @@ import {
 import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
 import { embedGrid, embedPipeline, type EmbedVariant } from "../kernels/embed.ts";
 import { attentionGrid, attentionPipeline, type AttentionVariant } from "../kernels/attention.ts";
-import { samplePipeline } from "../kernels/sample.ts";
+import { type SampleOptions, samplePipeline } from "../kernels/sample.ts";
 import { sample, type SamplingParams, uniform } from "../runtime/sampling.ts";
 import { rng, testGpu } from "./helpers.ts";
 import { Harness, type Job } from "./kernel_harness.ts";
@@ -121,14 +125,29 @@ interface LinearCase {
   tpr: number;
   upw: number;
   seed: number;
+  /** Texture weights (the CPU-adapter kernels of dense_texture.ts). */
+  weights?: WeightSource;
+  /** Texture weights: units per thread, tokens per workgroup (matmul), x and g as uniforms. */
+  upt?: number;
+  tt?: number;
+  xUniform?: boolean;
+  /** KV cache layout of the qkv epilogue. */
+  kv?: KvSource;
+  /** Rows of the store/add cases (default STORE_ROWS). */
+  rows?: number;
 }
 
 function describe(c: LinearCase): string {
   const e = c.epi.kind === "qkv"
-    ? `qkv(hd ${c.epi.headDim}${c.epi.bias ? ", bias" : ""})`
+    ? `qkv(hd ${c.epi.headDim}${c.epi.bias ? ", bias" : ""}${c.kv === "texture" ? ", kv tex" : ""})`
     : c.epi.kind;
+  const tex = c.weights === "texture"
+    ? ` texture upt ${c.upt ?? "-"}${c.tt ? ` tt ${c.tt}` : ""}${c.xUniform ? " uniform x" : ""}`
+    : "";
   const shape = c.op === "matvec" ? ` tpr ${c.tpr} upw ${c.upw}${c.norm ? " norm" : ""}` : "";
-  return `${c.op} ${c.format} ${e} K ${c.K} ntok ${c.ntok} pos ${c.pos}${shape}`;
+  return `${c.op} ${c.format} ${e} K ${c.K} ntok ${c.ntok} pos ${c.pos}${shape}${tex}${
+    c.rows ? ` rows ${c.rows}` : ""
+  }`;
 }
 
 async function runLinear(h: Harness, c: LinearCase): Promise<void> {
@@ -138,13 +157,16 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
   const { K, epi } = c;
   const hd = epi.kind === "qkv" ? epi.headDim : 0, half = hd / 2;
   const qd = NH * hd, kvd = NKV * hd;
+  const storeRows = c.rows ?? STORE_ROWS;
+  const split = c.rows ? Math.floor(storeRows * 0.53) : STORE_SPLIT;
+  const LD = c.rows ? storeRows + STORE_BASE + 7 : STORE_LD;
   const rows = epi.kind === "store" || epi.kind === "add"
-    ? STORE_ROWS
+    ? storeRows
     : epi.kind === "gateup"
     ? 2 * HIDDEN
     : qd + 2 * kvd;
   const chunks: [number, number][] = epi.kind === "store"
-    ? [[0, STORE_SPLIT], [STORE_SPLIT, STORE_ROWS - STORE_SPLIT]]
+    ? [[0, split], [split, storeRows - split]]
     : [[0, rows]];
 
   const w = randArray(r, rows * K);
@@ -182,11 +204,11 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
   let epilogue: Epilogue;
   switch (epi.kind) {
     case "store": {
-      epilogue = { kind: "store", offset: STORE_BASE, ld: STORE_LD };
-      const y = out("y", TA * STORE_LD);
+      epilogue = { kind: "store", offset: STORE_BASE, ld: LD };
+      const y = out("y", TA * LD);
       for (let t = 0; t < T; t++) {
         for (let u = 0; u < rows; u++) {
-          const i = t * STORE_LD + STORE_BASE + u;
+          const i = t * LD + STORE_BASE + u;
           y.want[i] = pre[t][u];
           y.scale[i] = scale[t][u];
         }
@@ -218,7 +240,14 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
       break;
     }
     case "qkv": {
-      epilogue = { kind: "qkv", nHeads: NH, nKvHeads: NKV, headDim: hd, bias: epi.bias };
+      epilogue = {
+        kind: "qkv",
+        nHeads: NH,
+        nKvHeads: NKV,
+        headDim: hd,
+        bias: epi.bias,
+        kv: c.kv ?? "buffer",
+      };
       const ctx = c.pos + T + 2;
       const rope = ropeTable(ctx, hd);
       extra.rope = rope;
@@ -254,18 +283,23 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
     }
   }
 
-  const bufs: Record<string, GPUBuffer> = {
+  const tex = c.weights === "texture";
+  const kvTex = c.kv === "texture";
+  const bufs: Record<string, Bindable> = {
     step: h.step({ pos: c.pos, ntok: T }),
-    x: h.buffer(x),
-    g: h.buffer(g),
+    x: c.xUniform ? h.uniform(x, K * 4, "x") : h.buffer(x),
+    g: c.xUniform ? h.uniform(g, K * 4, "g") : h.buffer(g),
   };
   for (const [name, a] of Object.entries(extra)) bufs[name] = h.buffer(a);
-  for (const [name, o] of Object.entries(outs)) bufs[name] = h.buffer(o.init);
+  for (const [name, o] of Object.entries(outs)) {
+    bufs[name] = kvTex && name.endsWith("cache") ? h.kvTexture(o.init, kvd, hd) : h.buffer(o.init);
+  }
   const jobs: Job[] = chunks.map(([start, n]) => {
     const e: Epilogue = epilogue.kind === "store"
       ? { ...epilogue, offset: epilogue.offset + start }
       : epilogue;
-    const wbuf = h.weights(w.subarray(start * K, (start + n) * K), c.format);
+    const wpart = w.subarray(start * K, (start + n) * K);
+    const wbuf = tex ? h.weightTexture(wpart, K, c.format) : h.weights(wpart, c.format);
     if (c.op === "matvec") {
       const v: MatvecVariant = {
         format: c.format,
@@ -275,6 +309,7 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
         epilogue: e,
         tpr: c.tpr,
         upw: c.upw,
+        ...(tex ? { weights: "texture", upt: c.upt, xUniform: c.xUniform } : {}),
       };
       return {
         pipeline: matvecPipeline(gpu, v),
@@ -283,7 +318,13 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
         grid: matvecGrid(v),
       };
     }
-    const v: MatmulVariant = { format: c.format, rows: n, K, epilogue: e };
+    const v: MatmulVariant = {
+      format: c.format,
+      rows: n,
+      K,
+      epilogue: e,
+      ...(tex ? { weights: "texture", upt: c.upt, upw: c.upw, tt: c.tt } : {}),
+    };
     return {
       pipeline: matmulPipeline(gpu, v),
       names: matmulBindings(v),
@@ -292,9 +333,12 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
     };
   });
   h.run(...jobs);
+  const kind = `${c.op} ${c.format}${tex ? " texture" : ""}`;
   for (const [name, o] of Object.entries(outs)) {
-    const got = await h.readF32(bufs[name], o.init.length);
-    check(`${c.op} ${c.format}`, `${what}: ${name}`, got, o.want, o.scale, LIN_TOL);
+    const got = kvTex && name.endsWith("cache")
+      ? await h.readKvTexture(bufs[name] as GPUTexture, kvd, hd)
+      : await h.readF32(bufs[name] as GPUBuffer, o.init.length);
+    check(kind, `${what}: ${name}`, got, o.want, o.scale, LIN_TOL);
   }
   h.release();
 }
@@ -351,6 +395,98 @@ for (const format of FORMATS) {
           norm: null,
           tpr: 0,
           upw: 0,
+          seed: seed++,
+        });
+      }
+    }
+  });
+}
+
+/**
+ * The texture-weight kernels (CPU adapters): every epilogue (the qkv one with the KV cache in
+ * buffers and in textures), with and without the fused RMSNorm, x and g from uniform or storage
+ * buffers, one and several units per thread; K with an odd number of vec4 (148, 172: the f16
+ * texture's last texel is half padding) and an even one (280).
+ */
+const TEX_EPIS: (EpiCase & { kv?: KvSource })[] = [
+  ...EPIS,
+  { kind: "qkv", headDim: 8, bias: false, kv: "texture" },
+  { kind: "qkv", headDim: 12, bias: true, kv: "texture" },
+];
+
+for (const format of FORMATS) {
+  Deno.test(`matvec ${format} texture: every epilogue × norm × uniform x × units per thread`, async () => {
+    const h = new Harness(gpu);
+    let seed = 1100;
+    for (const epi of TEX_EPIS) {
+      for (const upt of [1, 3]) {
+        for (const norm of [null, 1e-5]) {
+          for (const xUniform of [false, true]) {
+            const K = [148, 172, 280][seed % 3];
+            await runLinear(h, {
+              op: "matvec",
+              format,
+              epi,
+              K,
+              ntok: 1,
+              pos: 7 + upt,
+              norm,
+              tpr: 1,
+              upw: 8 * upt,
+              upt,
+              weights: "texture",
+              xUniform,
+              kv: epi.kind === "qkv" ? epi.kv : undefined,
+              seed: seed++,
+            });
+          }
+        }
+      }
+    }
+  });
+
+  Deno.test(`matvec/matmul ${format} texture: rows wrapping over texture rows`, async () => {
+    const h = new Harness(gpu);
+    // 250 rows of K 172 are 10750 (f32) or 5500 (f16) texels: each chunk wraps at 4096
+    for (const op of ["matvec", "matmul"] as const) {
+      await runLinear(h, {
+        op,
+        format,
+        epi: { kind: "store" },
+        K: 172,
+        ntok: op === "matvec" ? 1 : 6,
+        pos: 2,
+        norm: op === "matvec" ? 1e-5 : null,
+        tpr: 1,
+        upw: 32,
+        upt: 4,
+        tt: 4,
+        weights: "texture",
+        xUniform: op === "matvec",
+        rows: 250,
+        seed: 1300,
+      });
+    }
+  });
+
+  Deno.test(`matmul ${format} texture: every epilogue, ntok 1, 3, 8, 13 at pos ≠ 0`, async () => {
+    const h = new Harness(gpu);
+    let seed = 1200;
+    for (const epi of TEX_EPIS) {
+      for (const ntok of [1, 3, 8, 13]) {
+        const shape = ntok % 2 ? { upt: 2, upw: 16, tt: 4 } : { upt: 1, upw: 8, tt: 8 };
+        await runLinear(h, {
+          op: "matmul",
+          format,
+          epi,
+          K: [148, 172, 280][seed % 3],
+          ntok,
+          pos: 5 + ntok,
+          norm: null,
+          tpr: 1,
+          weights: "texture",
+          kv: epi.kind === "qkv" ? epi.kv : undefined,
+          ...shape,
           seed: seed++,
         });
       }
@@ -424,7 +560,12 @@ Deno.test("embed: chunked table, tokens inside and outside each chunk", async ()
   const h = new Harness(gpu);
   const vocab = 80, split = 50;
   for (const format of FORMATS) {
-    for (const dim of [148, 280]) {
+    for (
+      const [dim, weights] of [[148, "buffer"], [280, "buffer"], [148, "texture"], [
+        280,
+        "texture",
+      ]] as const
+    ) {
       const r = rng(500 + dim);
       const table = randArray(r, vocab * dim);
       const stored = asStored(table, format);
@@ -441,13 +582,14 @@ Deno.test("embed: chunked table, tokens inside and outside each chunk", async ()
       };
       const want = Float64Array.from(x0), unchanged = new Float64Array(TA * dim);
       for (const [rowStart, rows] of [[split, vocab - split], [0, split]]) {
-        const v: EmbedVariant = { format, dim, rowStart, rows };
+        const v: EmbedVariant = { format, dim, rowStart, rows, weights };
+        const part = table.subarray(rowStart * dim, (rowStart + rows) * dim);
         h.run({
           pipeline: embedPipeline(gpu, v),
           names: ["step", "tokens", "e", "x"],
           bufs: {
             ...bufs,
-            e: h.weights(table.subarray(rowStart * dim, (rowStart + rows) * dim), format),
+            e: weights === "texture" ? h.weightTexture(part, dim, format) : h.weights(part, format),
           },
           grid: embedGrid(v, ntok),
         });
@@ -456,7 +598,8 @@ Deno.test("embed: chunked table, tokens inside and outside each chunk", async ()
           for (let i = 0; i < dim; i++) want[t * dim + i] = stored[tok * dim + i];
         });
         const got = await h.readF32(bufs.x, TA * dim);
-        check("embed", `embed ${format} dim ${dim} chunk @${rowStart}`, got, want, unchanged, 0);
+        const what = `embed ${format} ${weights} dim ${dim} chunk @${rowStart}`;
+        check("embed", what, got, want, unchanged, 0);
       }
       h.release();
     }
@@ -549,48 +692,112 @@ Deno.test("attention: causal GQA, online softmax across chunks", async () => {
   }
 });
 
+Deno.test("attention, KV cache in textures: causal GQA, per-thread softmax merge, uniform q", async () => {
+  const h = new Harness(gpu);
+  const heads = [
+    { nHeads: 6, nKvHeads: 2, headDim: 12 },
+    { nHeads: 4, nKvHeads: 1, headDim: 48 },
+    { nHeads: 8, nKvHeads: 4, headDim: 8 }, // stories260K
+  ];
+  let seed = 650;
+  for (const hs of heads) {
+    // query heads per workgroup: 1, and all or some of those sharing a KV head
+    const GQ = hs.nHeads / hs.nKvHeads;
+    for (const [wg, gq] of [[8, 1], [16, GQ], [8, GQ % 2 ? GQ : 2]]) {
+      // fewer keys than threads (pos 2, ntok 1; and tokens 0.. of (0, 5)), and many
+      for (const [pos, ntok] of [[99, 1], [2, 1], [95, 5], [60, 40], [0, 5]]) {
+        for (const qUniform of ntok === 1 ? [false, true] : [false]) {
+          const v: AttentionVariant = { ...hs, wg, kv: "texture", qUniform, gq };
+          const r = rng(seed++);
+          const qd = v.nHeads * v.headDim, kvd = v.nKvHeads * v.headDim;
+          const ctx = pos + ntok + 3;
+          const q = randArray(r, (ntok + 1) * qd, 2.5);
+          const kc = randArray(r, ctx * kvd), vc = randArray(r, ctx * kvd);
+          for (let i = (pos + ntok) * kvd; i < ctx * kvd; i++) kc[i] = vc[i] = 1e4;
+          const o0 = randArray(r, (ntok + 1) * qd, 10);
+          const bufs = {
+            step: h.step({ pos, ntok }),
+            q: qUniform ? h.uniform(q, qd * 4, "q") : h.buffer(q),
+            kcache: h.kvTexture(kc, kvd, v.headDim),
+            vcache: h.kvTexture(vc, kvd, v.headDim),
+            out: h.buffer(o0),
+          };
+          h.run({
+            pipeline: attentionPipeline(gpu, v),
+            names: ["step", "q", "kcache", "vcache", "out"],
+            bufs,
+            grid: attentionGrid(v, ntok),
+          });
+          const ref = attentionRef(v, q, kc, vc, pos, ntok);
+          const want = Float64Array.from(o0), scale = new Float64Array(o0.length);
+          want.set(ref);
+          scale.fill(1, 0, ref.length);
+          const got = await h.readF32(bufs.out, o0.length);
+          const what = `attention (texture KV${qUniform ? ", uniform q" : ""}) ` +
+            `${hs.nHeads}/${hs.nKvHeads}×${hs.headDim} wg ${wg} gq ${gq} pos ${pos} ntok ${ntok}`;
+          check("attention texture", what, got, want, scale, 1e-5);
+          h.release();
+        }
+      }
+    }
+  }
+});
+
 // ---------------------------------------------------------------------------------------------
 // sample
 // ---------------------------------------------------------------------------------------------
 
-Deno.test("sample: temperature 0 is argmax with ties to the lowest index", async () => {
-  const h = new Harness(gpu);
-  for (const vocab of [512, 1000]) {
-    const r = rng(700 + vocab);
-    // pairs of tied maxima: same thread (i, i + 256), and the higher index on a lower lane
-    const ties = [[5, 261], [250, 260], [300, 700], [1, 511]];
-    const jobs: Job[] = [];
-    const want: number[] = [];
-    const tokens = h.buffer(new Uint32Array(64).fill(0xffffffff));
-    const logitBufs = ties.map(([a, b], j) => {
-      const l = randArray(r, vocab, 3, -5);
-      l[a] = l[b] = 1.5;
-      want.push(Math.min(a, b));
-      return { buf: h.buffer(l), out: 2 * j + 1 + (j % 2) };
-    });
-    // all negative, distinct maximum
-    const neg = randArray(r, vocab, 1, -50);
-    neg[vocab - 3] = -40;
-    want.push(vocab - 3);
-    logitBufs.push({ buf: h.buffer(neg), out: 20 });
-    logitBufs.forEach(({ buf, out }, j) => {
-      const ntok = 1 + (j % 2);
-      jobs.push({
-        pipeline: samplePipeline(gpu, vocab),
-        names: ["step", "logits", "tokens"],
-        bufs: { step: h.step({ pos: out - ntok, ntok, seed: j, topK: 3 }), logits: buf, tokens },
-        grid: [1],
+/** Sampler variants: the GPU shape, and the CPU one with uniform and storage logits. */
+const SAMPLERS: SampleOptions[] = [{}, { wg: 8, logitsUniform: true }, { wg: 8 }];
+
+/** The logits binding of a sampler variant. */
+function logitsBinding(h: Harness, l: Float32Array, o: SampleOptions): Bindable {
+  return o.logitsUniform ? h.uniform(l, l.length * 4, "logits") : h.buffer(l);
+}
+
+for (const opts of SAMPLERS) {
+  const tag = opts.wg ? ` (wg ${opts.wg}${opts.logitsUniform ? ", uniform logits" : ""})` : "";
+  Deno.test(`sample${tag}: temperature 0 is argmax with ties to the lowest index`, async () => {
+    const h = new Harness(gpu);
+    for (const vocab of [512, 1000]) {
+      const r = rng(700 + vocab);
+      // pairs of tied maxima: same thread (i, i + 256), and the higher index on a lower lane
+      const ties = [[5, 261], [250, 260], [300, 700], [1, 511]];
+      const jobs: Job[] = [];
+      const want: number[] = [];
+      const tokens = h.buffer(new Uint32Array(64).fill(0xffffffff));
+      const logitBufs = ties.map(([a, b], j) => {
+        const l = randArray(r, vocab, 3, -5);
+        l[a] = l[b] = 1.5;
+        want.push(Math.min(a, b));
+        return { buf: logitsBinding(h, l, opts), out: 2 * j + 1 + (j % 2) };
       });
-    });
-    h.run(...jobs);
-    const got = await h.readU32(tokens, 64);
-    logitBufs.forEach(({ out }, j) => assert.equal(got[out], want[j], `vocab ${vocab} case ${j}`));
-    for (let i = 0; i < 64; i++) {
-      if (!logitBufs.some((b) => b.out === i)) assert.equal(got[i], 0xffffffff, `tokens[${i}]`);
+      // all negative, distinct maximum
+      const neg = randArray(r, vocab, 1, -50);
+      neg[vocab - 3] = -40;
+      want.push(vocab - 3);
+      logitBufs.push({ buf: logitsBinding(h, neg, opts), out: 20 });
+      logitBufs.forEach(({ buf, out }, j) => {
+        const ntok = 1 + (j % 2);
+        jobs.push({
+          pipeline: samplePipeline(gpu, vocab, opts),
+          names: ["step", "logits", "tokens"],
+          bufs: { step: h.step({ pos: out - ntok, ntok, seed: j, topK: 3 }), logits: buf, tokens },
+          grid: [1],
+        });
+      });
+      h.run(...jobs);
+      const got = await h.readU32(tokens, 64);
+      logitBufs.forEach(({ out }, j) =>
+        assert.equal(got[out], want[j], `vocab ${vocab} case ${j}`)
+      );
+      for (let i = 0; i < 64; i++) {
+        if (!logitBufs.some((b) => b.out === i)) assert.equal(got[i], 0xffffffff, `tokens[${i}]`);
+      }
+      h.release();
     }
-    h.release();
-  }
-});
+  });
+}
 
 /** Logits with distinct values at least 0.05 apart, in random index order. */
 function separatedLogits(r: () => number, vocab: number): Float32Array {
@@ -656,64 +863,67 @@ function nearBoundary(p: Float64Array, params: SamplingParams, u: number): boole
   return false;
 }
 
-Deno.test("sample: temperature, top-k and top-p match the CPU sampler", async () => {
-  const h = new Harness(gpu);
-  const SEEDS = 32;
-  for (const vocab of [512, 1000]) {
-    const logits = separatedLogits(rng(800 + vocab), vocab);
-    const logitsBuf = h.buffer(logits);
-    for (const T of [0.6, 1, 1.4]) {
-      const p = probs(logits, T);
-      const combos = [
-        { topK: 0, topP: 1 },
-        { topK: 1, topP: 1 },
-        { topK: 7, topP: 1 },
-        { topK: vocab + 5, topP: 1 }, // off
-        { topK: 0, topP: topPAt(p, 4) },
-        { topK: 0, topP: topPAt(p, 11) },
-        // narrow margins (1e-3 of the mass) on either side of a cut
-        { topK: 0, topP: topPAt(p, 3, -1e-3) },
-        { topK: 0, topP: topPAt(p, 2, 1e-3) },
-        { topK: 6, topP: topPAt(p, 9) }, // top-k is the tighter
-        { topK: 20, topP: topPAt(p, 3) }, // top-p is the tighter
-      ];
-      for (const { topK, topP } of combos) {
-        const params = { temperature: T, topK, topP };
-        const tokens = h.buffer(new Uint32Array(4 * SEEDS + 8).fill(0xffffffff));
-        const jobs: Job[] = [], outs: number[] = [], want: number[] = [];
-        for (let j = 0; j < SEEDS; j++) {
-          const seed = (0x9e3779b9 * (j + 1) + vocab) >>> 0;
-          const ntok = 1 + (j % 3), pos = 4 * j + 1;
-          const u = uniform(seed, pos + ntok);
-          if (nearBoundary(p, params, u)) continue;
-          outs.push(pos + ntok);
-          want.push(sample(logits, params, u));
-          jobs.push({
-            pipeline: samplePipeline(gpu, vocab),
-            names: ["step", "logits", "tokens"],
-            bufs: {
-              step: h.step({ pos, ntok, seed, topK, temperature: T, topP }),
-              logits: logitsBuf,
-              tokens,
-            },
-            grid: [1],
-          });
+for (const opts of SAMPLERS) {
+  const tag = opts.wg ? ` (wg ${opts.wg}${opts.logitsUniform ? ", uniform logits" : ""})` : "";
+  Deno.test(`sample${tag}: temperature, top-k and top-p match the CPU sampler`, async () => {
+    const h = new Harness(gpu);
+    const SEEDS = 32;
+    for (const vocab of [512, 1000]) {
+      const logits = separatedLogits(rng(800 + vocab), vocab);
+      const logitsBuf = logitsBinding(h, logits, opts);
+      for (const T of [0.6, 1, 1.4]) {
+        const p = probs(logits, T);
+        const combos = [
+          { topK: 0, topP: 1 },
+          { topK: 1, topP: 1 },
+          { topK: 7, topP: 1 },
+          { topK: vocab + 5, topP: 1 }, // off
+          { topK: 0, topP: topPAt(p, 4) },
+          { topK: 0, topP: topPAt(p, 11) },
+          // narrow margins (1e-3 of the mass) on either side of a cut
+          { topK: 0, topP: topPAt(p, 3, -1e-3) },
+          { topK: 0, topP: topPAt(p, 2, 1e-3) },
+          { topK: 6, topP: topPAt(p, 9) }, // top-k is the tighter
+          { topK: 20, topP: topPAt(p, 3) }, // top-p is the tighter
+        ];
+        for (const { topK, topP } of combos) {
+          const params = { temperature: T, topK, topP };
+          const tokens = h.buffer(new Uint32Array(4 * SEEDS + 8).fill(0xffffffff));
+          const jobs: Job[] = [], outs: number[] = [], want: number[] = [];
+          for (let j = 0; j < SEEDS; j++) {
+            const seed = (0x9e3779b9 * (j + 1) + vocab) >>> 0;
+            const ntok = 1 + (j % 3), pos = 4 * j + 1;
+            const u = uniform(seed, pos + ntok);
+            if (nearBoundary(p, params, u)) continue;
+            outs.push(pos + ntok);
+            want.push(sample(logits, params, u));
+            jobs.push({
+              pipeline: samplePipeline(gpu, vocab, opts),
+              names: ["step", "logits", "tokens"],
+              bufs: {
+                step: h.step({ pos, ntok, seed, topK, temperature: T, topP }),
+                logits: logitsBuf,
+                tokens,
+              },
+              grid: [1],
+            });
+          }
+          assert.ok(jobs.length >= SEEDS * 0.9, `too many seeds skipped: ${jobs.length}`);
+          h.run(...jobs);
+          const got = await h.readU32(tokens, 4 * SEEDS + 8);
+          const what = `vocab ${vocab} T ${T} topK ${topK} topP ${topP.toFixed(4)}`;
+          outs.forEach((o, j) => assert.equal(got[o], want[j], `${what}: seed #${j}`));
+          for (let i = 0; i < got.length; i++) {
+            if (!outs.includes(i)) assert.equal(got[i], 0xffffffff, `${what}: tokens[${i}]`);
+          }
+          const distinct = new Set(want).size;
+          if (topK !== 1) assert.ok(distinct >= 3, `${what}: only ${distinct} distinct tokens`);
         }
-        assert.ok(jobs.length >= SEEDS * 0.9, `too many seeds skipped: ${jobs.length}`);
-        h.run(...jobs);
-        const got = await h.readU32(tokens, 4 * SEEDS + 8);
-        const what = `vocab ${vocab} T ${T} topK ${topK} topP ${topP.toFixed(4)}`;
-        outs.forEach((o, j) => assert.equal(got[o], want[j], `${what}: seed #${j}`));
-        for (let i = 0; i < got.length; i++) {
-          if (!outs.includes(i)) assert.equal(got[i], 0xffffffff, `${what}: tokens[${i}]`);
-        }
-        const distinct = new Set(want).size;
-        if (topK !== 1) assert.ok(distinct >= 3, `${what}: only ${distinct} distinct tokens`);
       }
+      h.release();
     }
-    h.release();
-  }
-});
+  });
+}
 
 Deno.test("kernels: largest errors (relative to the tolerance scale)", () => {
   for (const [k, v] of worst) console.log(`  ${k}: ${v.toExponential(2)}`);

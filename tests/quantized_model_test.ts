@@ -16,7 +16,7 @@ import { argmax } from "../runtime/sampling.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
 import { packQ } from "../quantize/pack.ts";
 import type { Bits } from "../quantize/qtensor.ts";
-import { haveShared, maxAbsDiff, sharedPath, testGpu } from "./helpers.ts";
+import { haveShared, maxAbsDiff, sharedPath, testGpu, testGpuLayout } from "./helpers.ts";
 
 const have = await haveShared("models/stories260K-hf");
 
@@ -82,7 +82,7 @@ Deno.test({
 });
 
 Deno.test({
-  name: "W3 g64 and W2 g0 stories260K: prefill and decode logits match the reference",
+  name: "W3 g64 and W2 g0 (GPU layout) stories260K: prefill and decode logits match the reference",
   ignore: !have,
   fn: async () => {
     for (const [bits, g] of [[3, 64], [2, 0]] as const) {
@@ -90,7 +90,9 @@ Deno.test({
       try {
         await rtnLowbit(path, bits, g);
         const file = await openLowbit(path);
-        const model = await GpuModel.load(await testGpu(), file, { maxT: 16 });
+        // W2 g0 runs the layout of GPU adapters (storage buffers), W3 g64 this adapter's
+        const gpu = bits === 2 ? await testGpuLayout() : await testGpu();
+        const model = await GpuModel.load(gpu, file, { maxT: 16 });
         const ref = await ReferenceModel.load(file);
         const ids = [
           1,
