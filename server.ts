@@ -14,7 +14,7 @@ import { methodNotAllowed } from "hono/method-not-allowed";
 import { Engine } from "./runtime/engine.ts";
 import { loadModel } from "./runtime/load.ts";
 import { ParameterError } from "./runtime/errors.ts";
-import { runMain } from "./runtime/cli.ts";
+import { intOption, runMain } from "./runtime/cli.ts";
 import { DEFAULT_MODEL, DownloadError, ensureDefaultModel } from "./runtime/hub_download.ts";
 import { ApiError, errorHook, methodNotAllowed as on405, notFound } from "./runtime/http/errors.ts";
 import { countRequests, Metrics, metricsHandler } from "./runtime/http/metrics.ts";
@@ -126,15 +126,7 @@ async function main(args: string[]): Promise<void> {
     console.log(USAGE);
     return;
   }
-  const int = (name: string, v: string | undefined, min: number) => {
-    if (v === undefined) return undefined;
-    const n = Number(v);
-    if (v.trim() === "" || !Number.isInteger(n) || n < min) {
-      throw new ParameterError(`--${name} must be an integer ≥ ${min}; got "${v}"`);
-    }
-    return n;
-  };
-  const port = int("port", a.port, 0)!;
+  const port = intOption("port", a.port, 0)!;
   if (port > 65535) throw new ParameterError(`--port must be at most 65535; got ${port}`);
   const path = a.model ?? await ensureDefaultModel().catch((e) => {
     if (!(e instanceof DownloadError)) throw e;
@@ -145,17 +137,17 @@ async function main(args: string[]): Promise<void> {
     (a.model === undefined ? DEFAULT_MODEL : basename(path.replace(/\/+$/, "")));
   const { model, tokenizer, gpu } = await loadModel(path, {
     tokenizer: a.tokenizer,
-    ctx: int("ctx", a.ctx, 2),
+    ctx: intOption("ctx", a.ctx, 2),
   });
   const engine = new Engine(model, tokenizer, modelId, {
-    maxQueue: int("max-queue", a["max-queue"], 0),
+    maxQueue: intOption("max-queue", a["max-queue"], 0),
   });
   const shutdown = new AbortController();
   Deno.addSignalListener("SIGINT", () => shutdown.abort());
   const { server } = startServer(engine, {
     hostname: a.host,
     port,
-    maxTokensLimit: int("max-tokens-limit", a["max-tokens-limit"], 1),
+    maxTokensLimit: intOption("max-tokens-limit", a["max-tokens-limit"], 1),
     signal: shutdown.signal,
   });
   console.error(`context ${engine.contextLength} tokens | ${gpu.adapterName}`);

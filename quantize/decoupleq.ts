@@ -7,7 +7,7 @@
  */
 
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
-import { calibratedLayer, Hessian, type QuantizeResult } from "./hessian.ts";
+import { LayerQuantizer, type QuantizeResult } from "./hessian.ts";
 import { gptqPlan, gptqRound } from "./gptq.ts";
 import { type Bits, effectiveGroupSize, nGroups } from "./qtensor.ts";
 import { diagonal, minMaxScaleZero, type ScaleZero } from "./rtn.ts";
@@ -165,34 +165,12 @@ function gatherRows<T extends Float32Array | Float64Array>(
 }
 
 /** decoupleQ as a layer quantizer: addBatch, quantize, free. */
-export class DecoupleQ {
-  readonly hessian: Hessian;
-  private W: Float32Array | Float64Array | null;
-
-  /** W: (N, K) weights of the layer, row-major. */
-  constructor(W: Float32Array | Float64Array, readonly N: number, readonly K: number) {
-    if (W.length !== N * K) {
-      throw new ShapeError(`W has ${W.length} entries, expected (${N}, ${K})`);
-    }
-    this.W = W;
-    this.hessian = new Hessian(K);
-  }
-
-  /** Accumulates calibration inputs X (T, K) into H. */
-  addBatch(X: Float32Array | Float64Array, T: number): void {
-    this.hessian.addBatch(X, T);
-  }
-
-  /** Runs stage 1 with H damped by percdamp (default 0.01); losses are under the damped H. */
-  quantize(opts: DecoupleQOptions & { percdamp?: number }): DecoupleQResult {
-    if (this.W === null) throw new ShapeError("DecoupleQ: used after free()");
-    const { W, H } = calibratedLayer(this.W, this.N, this.K, this.hessian, opts.percdamp);
+export class DecoupleQ extends LayerQuantizer<DecoupleQOptions, DecoupleQResult> {
+  protected quantizeCalibrated(
+    W: Float64Array,
+    H: Float64Array,
+    opts: DecoupleQOptions,
+  ): DecoupleQResult {
     return decoupleQ(W, this.N, this.K, H, opts);
-  }
-
-  /** Drops the weights and the Hessian. */
-  free(): void {
-    this.W = null;
-    this.hessian.free();
   }
 }

@@ -12,12 +12,11 @@
  */
 
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
-import { calibratedLayer, Hessian, layerLoss, type QuantizeResult } from "./hessian.ts";
+import { LayerQuantizer, type QuantizeResult } from "./hessian.ts";
 import { hinvUpperCholesky } from "./linalg.ts";
 import {
   type Bits,
   checkBits,
-  dequantize,
   effectiveGroupSize,
   nGroups,
   qRange,
@@ -198,38 +197,12 @@ export function gptqQuantize(
 }
 
 /** GPTQ as a layer quantizer (gptq.py's `GPTQ` class): addBatch, quantize, free. */
-export class GPTQ {
-  readonly hessian: Hessian;
-  private W: Float32Array | Float64Array | null;
-
-  /** W: (N, K) weights of the layer, row-major. */
-  constructor(W: Float32Array | Float64Array, readonly N: number, readonly K: number) {
-    if (W.length !== N * K) {
-      throw new ShapeError(`W has ${W.length} entries, expected (${N}, ${K})`);
-    }
-    this.W = W;
-    this.hessian = new Hessian(K);
-  }
-
-  /** Accumulates calibration inputs X (T, K) into H. */
-  addBatch(X: Float32Array | Float64Array, T: number): void {
-    this.hessian.addBatch(X, T);
-  }
-
-  /** Quantizes with H damped by percdamp (default 0.01); the loss is under the damped H. */
-  quantize(opts: GptqOptions & { percdamp?: number }): QuantizeResult {
-    if (this.W === null) throw new ShapeError("GPTQ: used after free()");
-    const { W, H } = calibratedLayer(this.W, this.N, this.K, this.hessian, opts.percdamp);
-    const ql = gptqQuantize(W, this.N, this.K, H, opts);
-    return {
-      ql,
-      loss: layerLoss(W, dequantize(ql, new Float64Array(W.length)), H, this.N, this.K),
-    };
-  }
-
-  /** Drops the weights and the Hessian. */
-  free(): void {
-    this.W = null;
-    this.hessian.free();
+export class GPTQ extends LayerQuantizer<GptqOptions, QuantizeResult> {
+  protected quantizeCalibrated(
+    W: Float64Array,
+    H: Float64Array,
+    opts: GptqOptions,
+  ): QuantizeResult {
+    return this.withLoss(gptqQuantize(W, this.N, this.K, H, opts), W, H);
   }
 }

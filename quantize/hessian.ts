@@ -4,7 +4,7 @@
  */
 
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
-import type { QuantizedLinear } from "./qtensor.ts";
+import { dequantize, type QuantizedLinear } from "./qtensor.ts";
 
 /** Running accumulation of H = XᵀX / tokens for a linear layer with K inputs. */
 export class Hessian {
@@ -213,4 +213,52 @@ export function calibratedLayer(
   const W64 = Float64Array.from(W);
   zeroDeadColumns(W64, N, K, hessian.dead!);
   return { W: W64, H };
+}
+
+/**
+ * The shell every layer quantizer shares (gptq.py's `GPTQ` class): the constructor takes W
+ * (N, K), `addBatch` accumulates calibration inputs into H, `quantize` hands the calibrated W
+ * and damped H to the subclass's {@link quantizeCalibrated}, and `free` drops W and H.
+ */
+export abstract class LayerQuantizer<Options, Result> {
+  readonly hessian: Hessian;
+  private W: Float32Array | Float64Array | null;
+
+  /** W: (N, K) weights of the layer, row-major. */
+  constructor(W: Float32Array | Float64Array, readonly N: number, readonly K: number) {
+    if (W.length !== N * K) {
+      throw new ShapeError(`W has ${W.length} entries, expected (${N}, ${K})`);
+    }
+    this.W = W;
+    this.hessian = new Hessian(K);
+  }
+
+  /** Accumulates calibration inputs X (T, K) into H. */
+  addBatch(X: Float32Array | Float64Array, T: number): void {
+    this.hessian.addBatch(X, T);
+  }
+
+  /** Quantizes with H damped by percdamp (default 0.01); losses are under the damped H. */
+  quantize(opts: Options & { percdamp?: number }): Result {
+    if (this.W === null) throw new ShapeError(`${this.constructor.name}: used after free()`);
+    const { W, H } = calibratedLayer(this.W, this.N, this.K, this.hessian, opts.percdamp);
+    return this.quantizeCalibrated(W, H, opts);
+  }
+
+  /** Drops the weights and the Hessian. */
+  free(): void {
+    this.W = null;
+    this.hessian.free();
+  }
+
+  /** Quantizes the calibrated W (N, K) (dead columns zeroed) under the damped H (K, K). */
+  protected abstract quantizeCalibrated(W: Float64Array, H: Float64Array, opts: Options): Result;
+
+  /** `ql` with its layer loss against W under H. */
+  protected withLoss(ql: QuantizedLinear, W: Float64Array, H: Float64Array): QuantizeResult {
+    return {
+      ql,
+      loss: layerLoss(W, dequantize(ql, new Float64Array(W.length)), H, this.N, this.K),
+    };
+  }
 }

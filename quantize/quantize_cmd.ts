@@ -11,7 +11,7 @@ import { openCheckpoint } from "../runtime/open_checkpoint.ts";
 import { loadTokenizer } from "../runtime/load_tokenizer.ts";
 import { expectedShapes, tensorNames as T } from "../runtime/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { runMain } from "../runtime/cli.ts";
+import { numberOption, runMain } from "../runtime/cli.ts";
 import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
 import type { LowbitTensorSpec } from "../runtime/lowbit_file.ts";
 import { createGpu } from "../kernels/gpu.ts";
@@ -43,13 +43,8 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
 const LINEARS = [T.wq, T.wk, T.wv, T.wo, T.w1, T.w3, T.w2];
 
 function int(name: string, v: string, allowed?: number[]): number {
-  const n = Number(v);
-  if (v.trim() === "" || !Number.isInteger(n) || (allowed && !allowed.includes(n))) {
-    throw new ParameterError(
-      `--${name} must be ${allowed ? `one of ${allowed.join(", ")}` : "an integer"}; got "${v}"`,
-    );
-  }
-  return n;
+  const what = allowed ? `one of ${allowed.join(", ")}` : "an integer";
+  return numberOption(name, v, what, (n) => Number.isInteger(n) && (allowed?.includes(n) ?? true));
 }
 
 async function main(args: string[]): Promise<void> {

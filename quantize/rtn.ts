@@ -4,11 +4,10 @@
  */
 
 import { ShapeError } from "../runtime/errors.ts";
-import { calibratedLayer, Hessian, layerLoss, type QuantizeResult } from "./hessian.ts";
+import { LayerQuantizer, type QuantizeResult } from "./hessian.ts";
 import {
   type Bits,
   checkBits,
-  dequantize,
   effectiveGroupSize,
   nGroups,
   qRange,
@@ -171,38 +170,12 @@ export function diagonal(H: Float64Array, K: number): Float64Array {
  * Round-to-nearest as a layer quantizer: calibration batches only serve the "hdiag" clipping
  * criterion, dead columns and the reported loss.
  */
-export class RTN {
-  readonly hessian: Hessian;
-  private W: Float32Array | Float64Array | null;
-
-  /** W: (N, K) weights of the layer, row-major. */
-  constructor(W: Float32Array | Float64Array, readonly N: number, readonly K: number) {
-    if (W.length !== N * K) {
-      throw new ShapeError(`W has ${W.length} entries, expected (${N}, ${K})`);
-    }
-    this.W = W;
-    this.hessian = new Hessian(K);
-  }
-
-  /** Accumulates calibration inputs X (T, K). */
-  addBatch(X: Float32Array | Float64Array, T: number): void {
-    this.hessian.addBatch(X, T);
-  }
-
-  /** Quantizes; the loss is measured under the damped H (percdamp, default 0.01). */
-  quantize(opts: RtnOptions & { percdamp?: number }): QuantizeResult {
-    if (this.W === null) throw new ShapeError("RTN: used after free()");
-    const { W, H } = calibratedLayer(this.W, this.N, this.K, this.hessian, opts.percdamp);
-    const ql = rtnQuantize(W, this.N, this.K, { ...opts, Hdiag: diagonal(H, this.K) });
-    return {
-      ql,
-      loss: layerLoss(W, dequantize(ql, new Float64Array(W.length)), H, this.N, this.K),
-    };
-  }
-
-  /** Drops the weights and the Hessian. */
-  free(): void {
-    this.W = null;
-    this.hessian.free();
+export class RTN extends LayerQuantizer<RtnOptions, QuantizeResult> {
+  protected quantizeCalibrated(W: Float64Array, H: Float64Array, opts: RtnOptions): QuantizeResult {
+    return this.withLoss(
+      rtnQuantize(W, this.N, this.K, { ...opts, Hdiag: diagonal(H, this.K) }),
+      W,
+      H,
+    );
   }
 }

@@ -13,6 +13,7 @@
  */
 import type { ModelConfig } from "../runtime/config.ts";
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import { mulberry32 } from "../runtime/sampling.ts";
 import {
   type BlockConfig,
   BlockMath,
@@ -220,18 +221,6 @@ export function blockMse(
   bm.setParams(blockParams(config, block));
   const count = lengths.reduce((a, b) => a + b, 0) * config.dim;
   return sumSquaredError(bm, inputs, targets, lengths) / count;
-}
-
-/** A seeded uniform generator in [0, 1) (mulberry32). */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Shuffled sequence indices grouped into mini-batches of ≥ batchTokens tokens. */

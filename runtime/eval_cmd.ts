@@ -16,7 +16,7 @@ import { ReferenceModel } from "./reference.ts";
 import { type LogitsModel, perplexity, referenceLogitsModel } from "./perplexity.ts";
 import type { Tokenizer } from "./tokenizer.ts";
 import { ParameterError } from "./errors.ts";
-import { runMain } from "./cli.ts";
+import { dtypeOption, numberOption, runMain } from "./cli.ts";
 
 const USAGE = `usage: deno task eval --model PATH --text FILE [options]
   --model PATH         Hugging Face model directory, llama2.c .bin, or .lowbit file
@@ -32,11 +32,7 @@ const USAGE = `usage: deno task eval --model PATH --text FILE [options]
 
 function posInt(name: string, v: string | undefined): number | undefined {
   if (v === undefined) return undefined;
-  const n = Number(v);
-  if (v.trim() === "" || !Number.isInteger(n) || n < 1) {
-    throw new ParameterError(`--${name} must be a positive integer; got "${v}"`);
-  }
-  return n;
+  return numberOption(name, v, "a positive integer", (n) => Number.isInteger(n) && n >= 1);
 }
 
 /** A progress line on stderr: tokens scored, rewritten in place on a terminal. */
@@ -79,9 +75,7 @@ async function main(args: string[]): Promise<void> {
   }
   if (!a.model) throw new ParameterError(`--model is required\n${USAGE}`);
   if (!a.text) throw new ParameterError(`--text is required\n${USAGE}`);
-  if (!["auto", "f32", "f16"].includes(a.dtype!)) {
-    throw new ParameterError(`--dtype must be auto, f32 or f16; got "${a.dtype}"`);
-  }
+  const dtype = dtypeOption(a.dtype!);
   const ctx = posInt("ctx", a.ctx), maxTokens = posInt("max-tokens", a["max-tokens"]);
   let text: string;
   try {
@@ -108,7 +102,7 @@ async function main(args: string[]): Promise<void> {
   } else {
     const loaded = await loadModel(a.model, {
       tokenizer: a.tokenizer,
-      dtype: a.dtype as "auto" | "f32" | "f16",
+      dtype,
       ctx,
     });
     model = loaded.model;

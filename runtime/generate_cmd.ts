@@ -11,7 +11,7 @@ import { generate } from "./generate.ts";
 import { StreamDecoder } from "./stream_decoder.ts";
 import { validateSamplingParams } from "./sampling.ts";
 import { ParameterError } from "./errors.ts";
-import { runMain } from "./cli.ts";
+import { dtypeOption, numberOption, runMain } from "./cli.ts";
 
 const USAGE = `usage: deno task generate --model PATH [options]
   --model PATH         Hugging Face model directory, llama2.c .bin, or .lowbit file
@@ -49,13 +49,7 @@ async function main(args: string[]): Promise<void> {
     return;
   }
   if (!a.model) throw new ParameterError(`--model is required\n${USAGE}`);
-  const num = (name: string, v: string) => {
-    const n = Number(v);
-    if (v.trim() === "" || !Number.isFinite(n)) {
-      throw new ParameterError(`--${name} must be a number; got "${v}"`);
-    }
-    return n;
-  };
+  const num = (name: string, v: string) => numberOption(name, v, "a number", Number.isFinite);
   const sampling = {
     temperature: num("temperature", a.temperature!),
     topP: num("top-p", a["top-p"]!),
@@ -64,12 +58,10 @@ async function main(args: string[]): Promise<void> {
   };
   validateSamplingParams(sampling);
   const maxTokens = num("max-tokens", a["max-tokens"]!);
-  if (!["auto", "f32", "f16"].includes(a.dtype!)) {
-    throw new ParameterError(`--dtype must be auto, f32 or f16; got "${a.dtype}"`);
-  }
+  const dtype = dtypeOption(a.dtype!);
   const { model, tokenizer, gpu } = await loadModel(a.model, {
     tokenizer: a.tokenizer,
-    dtype: a.dtype as "auto" | "f32" | "f16",
+    dtype,
     ctx: a.ctx === undefined ? undefined : num("ctx", a.ctx),
   });
   const text = a.chat

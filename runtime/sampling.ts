@@ -38,6 +38,18 @@ export function uniform(seed: number, step: number): number {
   return (pcgHash(pcgHash(seed) ^ step) >>> 8) / 16777216;
 }
 
+/** A seeded generator of uniform numbers in [0, 1) (mulberry32), for shuffles and tests. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 /** Throws ParameterError unless the parameters are in range. */
 export function validateSamplingParams(p: SamplingParams): void {
   if (!(p.temperature >= 0) || !Number.isFinite(p.temperature)) {

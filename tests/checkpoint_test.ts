@@ -1,6 +1,6 @@
 /** Tests of the checkpoint readers: HF config parsing and validation, llama2.c .bin, dispatch. */
+import assert from "node:assert/strict";
 import { tensorNames } from "../runtime/config.ts";
-import { ModelFormatError, ShapeError, UnsupportedModelError } from "../runtime/errors.ts";
 import { parseHfConfig } from "../runtime/hf_checkpoint.ts";
 import { hfRowToLlama2cRow } from "../runtime/llama2c_checkpoint.ts";
 import { openCheckpoint } from "../runtime/open_checkpoint.ts";
@@ -11,67 +11,35 @@ import {
   syntheticTensor,
   writeSyntheticHfCheckpoint,
 } from "./synthetic.ts";
+import { haveShared, sharedPath, withTempDir } from "./helpers.ts";
 
-function assert(cond: unknown, msg: string): asserts cond {
-  if (!cond) throw new Error(msg);
-}
-function assertEquals<T>(actual: T, expected: T, msg = ""): void {
-  const a = JSON.stringify(actual), e = JSON.stringify(expected);
-  if (a !== e) throw new Error(`${msg} expected ${e}, got ${a}`);
-}
-/** Runs `fn` (sync or async), which must throw a `cls` whose message matches every pattern. */
-async function assertRejects(
-  fn: () => unknown,
-  cls: new (...a: never[]) => Error,
-  ...patterns: RegExp[]
-): Promise<void> {
-  try {
-    await fn();
-  } catch (e) {
-    assert(e instanceof cls, `expected ${cls.name}, got ${e}`);
-    for (const p of patterns) assert(p.test(e.message), `message "${e.message}" lacks ${p}`);
-    return;
-  }
-  throw new Error(`expected ${cls.name}, nothing thrown`);
-}
-
-async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "lowbit_ckpt_" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
-}
-
-const shared = (p: string) => new URL(`../../shared/models/${p}`, import.meta.url).pathname;
-const binPath = shared("stories260K/stories260K.bin"), hfDir = shared("stories260K-hf");
-const haveStories = await Deno.stat(binPath).then(() => Deno.stat(hfDir)).then(
-  () => true,
-  () => false,
-);
-const skipNote = haveStories ? "" : " (SKIPPED: ../shared/models/stories260K* not found)";
+const binRel = "models/stories260K/stories260K.bin", hfRel = "models/stories260K-hf";
+const binPath = sharedPath(binRel), hfDir = sharedPath(hfRel);
+const haveStories = await haveShared(binRel, hfRel);
 
 Deno.test({
-  name: `stories260K .bin and -hf expose identical tensors (q/k permuted to HF order)${skipNote}`,
+  name: "stories260K .bin and -hf expose identical tensors (q/k permuted to HF order)",
   ignore: !haveStories,
   fn: async () => {
     const bin = await openCheckpoint(binPath), hf = await openCheckpoint(hfDir);
     try {
       const { architecture: _a, eosIds: _e, ...binRest } = bin.config;
       const { architecture: _b, eosIds: _f, ...hfRest } = hf.config;
-      assertEquals(binRest, hfRest);
-      assertEquals(bin.config.eosIds, [1, 2]);
-      assertEquals(hf.config.architecture, "LlamaForCausalLM");
-      assertEquals([...bin.tensors.keys()].sort(), [...hf.tensors.keys()].sort());
-      assert(!bin.tensors.has(tensorNames.lmHead), "tied model exposes lm_head");
+      assert.deepEqual(binRest, hfRest);
+      assert.deepEqual(bin.config.eosIds, [1, 2]);
+      assert.deepEqual(hf.config.architecture, "LlamaForCausalLM");
+      assert.deepEqual([...bin.tensors.keys()].sort(), [...hf.tensors.keys()].sort());
+      assert.ok(!bin.tensors.has(tensorNames.lmHead), "tied model exposes lm_head");
       for (const name of hf.tensors.keys()) {
         const a = await bin.read(name), b = await hf.read(name);
-        assert(a.every((x, i) => x === b[i]), `${name} differs between .bin and safetensors`);
+        assert.ok(a.every((x, i) => x === b[i]), `${name} differs between .bin and safetensors`);
       }
       // Row ranges across head boundaries of a permuted tensor.
       const wk = tensorNames.wk(3), full = await bin.read(wk);
-      assertEquals(Array.from(await bin.read(wk, 5, 19)), Array.from(full.slice(5 * 64, 19 * 64)));
+      assert.deepEqual(
+        Array.from(await bin.read(wk, 5, 19)),
+        Array.from(full.slice(5 * 64, 19 * 64)),
+      );
     } finally {
       bin.close();
       hf.close();
@@ -81,7 +49,7 @@ Deno.test({
 
 Deno.test("hfRowToLlama2cRow maps rotate-half rows to interleaved rows", () => {
   // head size 8: HF rows 0..3 are the even llama2.c rows, 4..7 the odd ones.
-  assertEquals([...Array(16).keys()].map((r) => hfRowToLlama2cRow(r, 8)), [
+  assert.deepEqual([...Array(16).keys()].map((r) => hfRowToLlama2cRow(r, 8)), [
     0,
     2,
     4,
@@ -118,41 +86,47 @@ Deno.test("llama2.c: untied classifier, layout, and truncation errors", () =>
     await Deno.writeFile(`${dir}/m.bin`, llama2cBytes(header, total));
     const ck = await openCheckpoint(`${dir}/m.bin`);
     try {
-      assertEquals(ck.config.tiedEmbeddings, false);
-      assertEquals(ck.config.vocabSize, 32);
-      assertEquals(ck.config.nKvHeads, 1);
-      assertEquals((await ck.read(tensorNames.embed, 0, 1))[0], 0);
-      assertEquals((await ck.read(tensorNames.attnNorm(1)))[0], 512 + 16);
-      assertEquals((await ck.read(tensorNames.lmHead))[0], total - 512); // after freq_cis
+      assert.deepEqual(ck.config.tiedEmbeddings, false);
+      assert.deepEqual(ck.config.vocabSize, 32);
+      assert.deepEqual(ck.config.nKvHeads, 1);
+      assert.deepEqual((await ck.read(tensorNames.embed, 0, 1))[0], 0);
+      assert.deepEqual((await ck.read(tensorNames.attnNorm(1)))[0], 512 + 16);
+      assert.deepEqual((await ck.read(tensorNames.lmHead))[0], total - 512); // after freq_cis
       // wq of layer 0 starts after the 2 rms_att rows; HF row 4 is llama2.c row 1.
       const wq = await ck.read(tensorNames.wq(0), 4, 5);
-      assertEquals(wq[0], 512 + 32 + 16);
+      assert.deepEqual(wq[0], 512 + 32 + 16);
     } finally {
       ck.close();
     }
     // Truncated: only 600 floats, so layer 0's wq runs past the end.
     await Deno.writeFile(`${dir}/cut.bin`, llama2cBytes(header, 600));
-    await assertRejects(
-      () => openCheckpoint(`${dir}/cut.bin`),
-      ModelFormatError,
-      /cut\.bin/,
-      /model\.layers\.0\.self_attn\.q_proj\.weight \(llama2\.c wq\[0\]\)/,
-      /bytes \[2204, 3228\) but the file has 2428 bytes/,
-    );
+    await assert.rejects(() => openCheckpoint(`${dir}/cut.bin`), {
+      name: "ModelFormatError",
+      message:
+        /cut\.bin.*model\.layers\.0\.self_attn\.q_proj\.weight \(llama2\.c wq\[0\]\).*bytes \[2204, 3228\) but the file has 2428 bytes/,
+    });
     await Deno.writeFile(`${dir}/bad.bin`, llama2cBytes([16, 24, 2, 3, 1, 32, 4], 10));
-    await assertRejects(() => openCheckpoint(`${dir}/bad.bin`), ModelFormatError, /n_heads 3/);
+    await assert.rejects(() => openCheckpoint(`${dir}/bad.bin`), {
+      name: "ModelFormatError",
+      message: /n_heads 3/,
+    });
   }));
 
 Deno.test("openCheckpoint rejects what it cannot open", () =>
   withTempDir(async (dir) => {
-    await assertRejects(() => openCheckpoint(dir), ModelFormatError, /has no config\.json/);
+    await assert.rejects(() => openCheckpoint(dir), {
+      name: "ModelFormatError",
+      message: /has no config\.json/,
+    });
     await Deno.writeTextFile(`${dir}/x.gguf`, "GGUF");
-    await assertRejects(
-      () => openCheckpoint(`${dir}/x.gguf`),
-      ModelFormatError,
-      /x\.gguf: unknown checkpoint type/,
-    );
-    await assertRejects(() => openCheckpoint(`${dir}/nope`), ModelFormatError, /no such file/);
+    await assert.rejects(() => openCheckpoint(`${dir}/x.gguf`), {
+      name: "ModelFormatError",
+      message: /x\.gguf: unknown checkpoint type/,
+    });
+    await assert.rejects(() => openCheckpoint(`${dir}/nope`), {
+      name: "ModelFormatError",
+      message: /no such file/,
+    });
   }));
 
 Deno.test("HF config parsing: defaults, Qwen2, llama3 scaling, eos lists", () => {
@@ -167,14 +141,14 @@ Deno.test("HF config parsing: defaults, Qwen2, llama3 scaling, eos lists", () =>
     rms_norm_eps: 1e-5,
   };
   const c = parseHfConfig(base, "config.json");
-  assertEquals([c.nKvHeads, c.headDim, c.ropeTheta, c.tiedEmbeddings, c.qkvBias], [
+  assert.deepEqual([c.nKvHeads, c.headDim, c.ropeTheta, c.tiedEmbeddings, c.qkvBias], [
     4,
     16,
     10000,
     false,
     false,
   ]);
-  assertEquals([c.bosId, c.eosIds, c.ropeScaling], [1, [2], null]);
+  assert.deepEqual([c.bosId, c.eosIds, c.ropeScaling], [1, [2], null]);
   const q = parseHfConfig({
     ...base,
     architectures: ["Qwen2ForCausalLM"],
@@ -185,7 +159,7 @@ Deno.test("HF config parsing: defaults, Qwen2, llama3 scaling, eos lists", () =>
     bos_token_id: 5,
     rope_theta: 1e6,
   }, "config.json");
-  assertEquals(
+  assert.deepEqual(
     [q.qkvBias, q.nKvHeads, q.headDim, q.tiedEmbeddings, q.bosId, q.eosIds, q.ropeTheta],
     [
       true,
@@ -207,7 +181,7 @@ Deno.test("HF config parsing: defaults, Qwen2, llama3 scaling, eos lists", () =>
       original_max_position_embeddings: 8192,
     },
   }, "config.json");
-  assertEquals(l3.ropeScaling, {
+  assert.deepEqual(l3.ropeScaling, {
     factor: 32,
     lowFreqFactor: 1,
     highFreqFactor: 4,
@@ -217,35 +191,31 @@ Deno.test("HF config parsing: defaults, Qwen2, llama3 scaling, eos lists", () =>
     { ...base, architectures: ["MistralForCausalLM"], sliding_window: 128 },
     "config.json",
   );
-  assertEquals(m.seqLen, 128);
+  assert.deepEqual(m.seqLen, 128);
 });
 
-Deno.test("HF config errors: architecture, rope_scaling, fields", async () => {
+Deno.test("HF config errors: architecture, rope_scaling, fields", () => {
   const base = hfConfigJson(syntheticConfig());
-  await assertRejects(
+  assert.throws(
     () => parseHfConfig({ ...base, architectures: ["GPT2LMHeadModel"] }, "m/config.json"),
-    UnsupportedModelError,
-    /m\/config\.json/,
-    /GPT2LMHeadModel/,
-    /LlamaForCausalLM/,
+    {
+      name: "UnsupportedModelError",
+      message: /m\/config\.json.*GPT2LMHeadModel.*LlamaForCausalLM/,
+    },
   );
-  await assertRejects(
+  assert.throws(
     () =>
       parseHfConfig({ ...base, rope_scaling: { rope_type: "yarn", factor: 4 } }, "m/config.json"),
-    UnsupportedModelError,
-    /m\/config\.json/,
-    /rope_scaling type "yarn"/,
+    { name: "UnsupportedModelError", message: /m\/config\.json.*rope_scaling type "yarn"/ },
   );
-  await assertRejects(
-    () => parseHfConfig({ ...base, hidden_size: undefined }, "m/config.json"),
-    ModelFormatError,
-    /"hidden_size" must be a positive integer/,
-  );
-  await assertRejects(
-    () => parseHfConfig({ ...base, num_key_value_heads: 3 }, "m/config.json"),
-    ShapeError,
-    /num_attention_heads 4 is not a multiple of num_key_value_heads 3/,
-  );
+  assert.throws(() => parseHfConfig({ ...base, hidden_size: undefined }, "m/config.json"), {
+    name: "ModelFormatError",
+    message: /"hidden_size" must be a positive integer/,
+  });
+  assert.throws(() => parseHfConfig({ ...base, num_key_value_heads: 3 }, "m/config.json"), {
+    name: "ShapeError",
+    message: /num_attention_heads 4 is not a multiple of num_key_value_heads 3/,
+  });
 });
 
 Deno.test("HF checkpoint: missing tensors, contradicting shapes, tied lm_head ignored", () =>
@@ -256,43 +226,48 @@ Deno.test("HF checkpoint: missing tensors, contradicting shapes, tied lm_head ig
     // Round trip (F16) and bias-free tensor set.
     const ck = await openCheckpoint(dir);
     try {
-      assertEquals(ck.tensors.size, 3 + 9 * config.nLayers);
+      assert.deepEqual(ck.tensors.size, 3 + 9 * config.nLayers);
       const name = tensorNames.w2(1), shape = ck.tensors.get(name)!.shape;
       const want = roundToDtype(syntheticTensor(name, shape, 3), "F16");
-      assertEquals(Array.from(await ck.read(name)), Array.from(want));
+      assert.deepEqual(Array.from(await ck.read(name)), Array.from(want));
     } finally {
       ck.close();
     }
     // Tied: lm_head.weight present but ignored.
     await Deno.writeTextFile(cfgPath, JSON.stringify({ ...json, tie_word_embeddings: true }));
     const tied = await openCheckpoint(dir);
-    assert(!tied.tensors.has(tensorNames.lmHead), "lm_head kept for a tied model");
+    assert.ok(!tied.tensors.has(tensorNames.lmHead), "lm_head kept for a tied model");
     tied.close();
     // A third layer the file does not have.
     await Deno.writeTextFile(cfgPath, JSON.stringify({ ...json, num_hidden_layers: 3 }));
-    await assertRejects(
-      () => openCheckpoint(dir),
-      ModelFormatError,
-      /model\.safetensors: tensor model\.layers\.2\.input_layernorm\.weight is missing/,
-    );
+    await assert.rejects(() => openCheckpoint(dir), {
+      name: "ModelFormatError",
+      message: /model\.safetensors: tensor model\.layers\.2\.input_layernorm\.weight is missing/,
+    });
     // An FFN width the tensors contradict.
     await Deno.writeTextFile(cfgPath, JSON.stringify({ ...json, intermediate_size: 96 }));
-    await assertRejects(
-      () => openCheckpoint(dir),
-      ShapeError,
-      /model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[128,64\], config\.json implies \[96,64\]/,
-    );
+    await assert.rejects(() => openCheckpoint(dir), {
+      name: "ShapeError",
+      message:
+        /model\.safetensors: tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \[128,64\], config\.json implies \[96,64\]/,
+    });
     // Qwen2 needs q/k/v biases, which this Llama checkpoint lacks.
     await Deno.writeTextFile(
       cfgPath,
       JSON.stringify({ ...json, architectures: ["Qwen2ForCausalLM"] }),
     );
-    await assertRejects(() => openCheckpoint(dir), ModelFormatError, /q_proj\.bias is missing/);
+    await assert.rejects(() => openCheckpoint(dir), {
+      name: "ModelFormatError",
+      message: /q_proj\.bias is missing/,
+    });
     await Deno.writeTextFile(
       cfgPath,
       JSON.stringify({ ...json, architectures: ["FalconForCausalLM"] }),
     );
-    await assertRejects(() => openCheckpoint(dir), UnsupportedModelError, /FalconForCausalLM/);
+    await assert.rejects(() => openCheckpoint(dir), {
+      name: "UnsupportedModelError",
+      message: /FalconForCausalLM/,
+    });
   }));
 
 Deno.test("HF checkpoint: sharded Qwen2 with biases and llama3 scaling opens", () =>
@@ -314,11 +289,11 @@ Deno.test("HF checkpoint: sharded Qwen2 with biases and llama3 scaling opens", (
     });
     const ck = await openCheckpoint(dir);
     try {
-      assertEquals([ck.config.architecture, ck.config.qkvBias], ["Qwen2ForCausalLM", true]);
-      assertEquals(ck.config.ropeScaling, scaling);
-      assertEquals(ck.tensors.get(tensorNames.bk(1))!.shape, [32]);
+      assert.deepEqual([ck.config.architecture, ck.config.qkvBias], ["Qwen2ForCausalLM", true]);
+      assert.deepEqual(ck.config.ropeScaling, scaling);
+      assert.deepEqual(ck.tensors.get(tensorNames.bk(1))!.shape, [32]);
       const bq = await ck.read(tensorNames.bq(0));
-      assertEquals(
+      assert.deepEqual(
         Array.from(bq),
         Array.from(roundToDtype(syntheticTensor(tensorNames.bq(0), [64], 5), "BF16")),
       );

@@ -1,5 +1,9 @@
-/** Shared test plumbing: paths into ../shared (skipping cleanly without it) and one GPU. */
+/**
+ * Shared test plumbing: paths into ../shared (skipping cleanly without it), one GPU, seeded
+ * random numbers and temporary directories.
+ */
 import { createGpu, Gpu } from "../kernels/gpu.ts";
+import { mulberry32 } from "../runtime/sampling.ts";
 
 /** Absolute path of `rel` under the shared data folder beside the project. */
 export function sharedPath(rel: string): string {
@@ -40,16 +44,23 @@ export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return d;
 }
 
-/** A seeded generator of uniform numbers in [-1, 1) (mulberry32). */
+/** Uniform numbers in [0, 1), for tests that need that range (same generator as `rng`). */
+export { mulberry32 };
+
+/** A seeded generator of uniform numbers in [-1, 1) (mulberry32 mapped to [-1, 1)). */
 export function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (((t ^ (t >>> 14)) >>> 0) / 4294967296) * 2 - 1;
-  };
+  const u = mulberry32(seed);
+  return () => u() * 2 - 1;
+}
+
+/** Runs `fn` in a fresh temporary directory, removed afterwards. */
+export async function withTempDir<T>(fn: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await Deno.makeTempDir({ prefix: "lowbit_test_" });
+  try {
+    return await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 }
 
 /** The greedy sample printed in stories260K.md (the code block after `-t 0.0`). */

@@ -17,7 +17,7 @@ import { rtnQuantize } from "../quantize/rtn.ts";
 import { packQ } from "../quantize/pack.ts";
 import { type Bits, dequantize } from "../quantize/qtensor.ts";
 import { roundToDtype, syntheticConfig, syntheticTensor } from "./synthetic.ts";
-import { haveShared, sharedPath, testGpu } from "./helpers.ts";
+import { haveShared, sharedPath, testGpu, withTempDir } from "./helpers.ts";
 import { loadModel } from "../runtime/load.ts";
 
 const tokPath = sharedPath("models/stories260K/tok512.bin");
@@ -86,15 +86,6 @@ async function writeModel(path: string): Promise<Map<string, Expected>> {
   }
   await w.close();
   return expected;
-}
-
-async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
-  const dir = await Deno.makeTempDir({ prefix: "lowbit_file_" });
-  try {
-    await fn(dir);
-  } finally {
-    await Deno.remove(dir, { recursive: true });
-  }
 }
 
 Deno.test("round trip: F32, F16 and Q at 2/3/4 bits, groups 0/32/64; header kept", async () => {

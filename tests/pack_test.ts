@@ -1,46 +1,12 @@
 /** Tests of quantize/pack.ts: round trips and hand-checked words of the packed layout. */
+import assert from "node:assert/strict";
 import { bitsPerWeight, packQ, paddedK, unpackQ } from "../quantize/pack.ts";
 import { type Bits, nGroups, qRange, type QuantizedLinear } from "../quantize/qtensor.ts";
 import { NumericalError, ParameterError } from "../runtime/errors.ts";
-
-/** Plain arrays for typed arrays, so JSON comparison sees their contents. */
-function plain(x: unknown): unknown {
-  if (ArrayBuffer.isView(x)) return Array.from(x as unknown as ArrayLike<number>);
-  if (x !== null && typeof x === "object") {
-    return Object.fromEntries(Object.entries(x).map(([k, v]) => [k, plain(v)]));
-  }
-  return x;
-}
-function deepStrictEqual(actual: unknown, expected: unknown, msg = ""): void {
-  const a = JSON.stringify(plain(actual)), e = JSON.stringify(plain(expected));
-  if (a !== e) throw new Error(`${msg}\nexpected ${e.slice(0, 400)}\n     got ${a.slice(0, 400)}`);
-}
-function equal(actual: unknown, expected: unknown): void {
-  if (actual !== expected) throw new Error(`expected ${expected}, got ${actual}`);
-}
-function throws(fn: () => unknown, cls: new (...a: never[]) => Error): void {
-  try {
-    fn();
-  } catch (e) {
-    if (e instanceof cls) return;
-    throw new Error(`expected ${cls.name}, got ${e}`);
-  }
-  throw new Error(`expected ${cls.name}, nothing thrown`);
-}
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { mulberry32 } from "./helpers.ts";
 
 function randomQl(N: number, K: number, bits: Bits, G: number, seed: number): QuantizedLinear {
-  const r = rng(seed);
+  const r = mulberry32(seed);
   const { qmin, qmax } = qRange(bits);
   const nG = nGroups(K, G);
   const q = Int8Array.from({ length: N * K }, () => qmin + Math.floor(r() * (qmax - qmin + 1)));
@@ -73,9 +39,9 @@ Deno.test("pack: round trip for every bit width and group size, K not a multiple
         const N = 5;
         const ql = randomQl(N, K, bits, G, seed++);
         const packed = packQ(ql);
-        equal(packed.qweight.length, N * bits * paddedK(K) / 32);
-        equal(packed.sz.length, N * nGroups(K, G));
-        deepStrictEqual(unpackQ(packed, N, K, bits, G), ql, `bits ${bits}, G ${G}, K ${K}`);
+        assert.equal(packed.qweight.length, N * bits * paddedK(K) / 32);
+        assert.equal(packed.sz.length, N * nGroups(K, G));
+        assert.deepEqual(unpackQ(packed, N, K, bits, G), ql, `bits ${bits}, G ${G}, K ${K}`);
       }
     }
   }
@@ -85,22 +51,22 @@ Deno.test("pack: 4-bit words match the hand-computed layout", () => {
   // u5 = 0xA → word 0 bit 12; u3 = 7 → word 0 bit 24; u12 = 0xF → word 1 bit 4;
   // u31 = 1 → word 3 bit 28.
   const { qweight, sz } = packQ(oneBlock(4, { 5: 0xa, 3: 7, 12: 0xf, 31: 1 }));
-  deepStrictEqual([...qweight], [0x0700a000, 0x000000f0, 0, 0x10000000]);
+  assert.deepEqual([...qweight], [0x0700a000, 0x000000f0, 0, 0x10000000]);
   // s = 1.0 (fp16 0x3C00) in the low half, z = −2.0 (0xC000) in the high half.
-  deepStrictEqual([...sz], [0xc0003c00]);
+  assert.deepEqual([...sz], [0xc0003c00]);
 });
 
 Deno.test("pack: 2-bit words match the hand-computed layout", () => {
   // u1 = 3 → word 0 bit 8; u6 = 2 → word 0 bit 18; u17 = 1 → word 1 bit 8.
   const { qweight } = packQ(oneBlock(2, { 1: 3, 6: 2, 17: 1 }));
-  deepStrictEqual([...qweight], [0x00080300, 0x00000100]);
+  assert.deepEqual([...qweight], [0x00080300, 0x00000100]);
 });
 
 Deno.test("pack: 3-bit words match the hand-computed layout", () => {
   // u0 = 0b101: low 1 → w0 bit 0, high → w2 bit 0. u21 = 0b110: low 2 → w1 bit 10,
   // high → w2 bit 8·1 + 5 = 13. u30 = 0b011: low 3 → w1 bit 22. u7 = 0b100: high → w2 bit 25.
   const { qweight } = packQ(oneBlock(3, { 0: 5, 21: 6, 30: 3, 7: 4 }));
-  deepStrictEqual([...qweight], [0x00000001, 0x00c00800, 0x02002001]);
+  assert.deepEqual([...qweight], [0x00000001, 0x00c00800, 0x02002001]);
 });
 
 Deno.test("pack: rows are padded with q = 0 to a multiple of 32", () => {
@@ -116,21 +82,21 @@ Deno.test("pack: rows are padded with q = 0 to a multiple of 32", () => {
   const { qweight } = packQ(ql);
   // Per row: block 0 all u = 0; block 1: u = 0 for value 0, u = 8 (padding) for values 1..31.
   const row = [0, 0, 0, 0, 0x88888880, 0x88888888, 0x88888888, 0x88888888];
-  deepStrictEqual([...qweight], [...row, ...row]);
+  assert.deepEqual([...qweight], [...row, ...row]);
 });
 
 Deno.test("pack: bad codes and non-fp16 scales are rejected", () => {
   const ql = randomQl(2, 40, 2, 32, 7);
   ql.q[3] = 2;
-  throws(() => packQ(ql), ParameterError);
+  assert.throws(() => packQ(ql), ParameterError);
   const ql2 = randomQl(2, 40, 2, 32, 8);
   ql2.scale[1] = 0.1; // not an fp16 value
-  throws(() => packQ(ql2), NumericalError);
+  assert.throws(() => packQ(ql2), NumericalError);
 });
 
 Deno.test("pack: bits per weight include padding and the s/z overhead", () => {
-  equal(bitsPerWeight(2048, 2048, 2, 64), 2.5);
-  equal(bitsPerWeight(256, 4096, 4, 128), 4.25);
-  equal(bitsPerWeight(10, 100, 3, 32), (3 * 128 + 4 * 32) / 100);
-  equal(bitsPerWeight(10, 100, 3, 0), (3 * 128 + 32) / 100);
+  assert.equal(bitsPerWeight(2048, 2048, 2, 64), 2.5);
+  assert.equal(bitsPerWeight(256, 4096, 4, 128), 4.25);
+  assert.equal(bitsPerWeight(10, 100, 3, 32), (3 * 128 + 4 * 32) / 100);
+  assert.equal(bitsPerWeight(10, 100, 3, 0), (3 * 128 + 32) / 100);
 });

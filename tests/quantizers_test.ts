@@ -3,6 +3,7 @@
  * reference, decoupleQ's float step against a dense least-squares solve, and the layer-loss
  * ordering decoupleQ < GPTQ < RTN on a synthetic layer with correlated inputs.
  */
+import assert from "node:assert/strict";
 import { DecoupleQ, decoupleQ } from "../quantize/decoupleq.ts";
 import { GPTQ, gptqPlan, gptqRound } from "../quantize/gptq.ts";
 import { calibratedLayer, Hessian, layerLoss } from "../quantize/hessian.ts";
@@ -16,36 +17,23 @@ import {
 import { type Bits, dequantize, qRange } from "../quantize/qtensor.ts";
 import { minMaxScaleZero, roundCode, roundToNearest, RTN } from "../quantize/rtn.ts";
 import { floatStep, ScaleZeroLsq } from "../quantize/scale_zero_lsq.ts";
-import { NumericalError } from "../runtime/errors.ts";
+import { mulberry32 } from "./helpers.ts";
 
-function assert(cond: unknown, msg: string): asserts cond {
-  if (!cond) throw new Error(msg);
-}
 function assertClose(a: ArrayLike<number>, b: ArrayLike<number>, tol: number, msg: string): void {
-  assert(a.length === b.length, `${msg}: lengths ${a.length} vs ${b.length}`);
+  assert.ok(a.length === b.length, `${msg}: lengths ${a.length} vs ${b.length}`);
   for (let i = 0; i < a.length; i++) {
     const d = Math.abs(a[i] - b[i]);
-    assert(d <= tol * (1 + Math.abs(b[i])), `${msg}: [${i}] ${a[i]} vs ${b[i]}`);
+    assert.ok(d <= tol * (1 + Math.abs(b[i])), `${msg}: [${i}] ${a[i]} vs ${b[i]}`);
   }
 }
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 function gaussian(r: () => number): () => number {
   return () => Math.sqrt(-2 * Math.log(1 - r())) * Math.cos(2 * Math.PI * r());
 }
 
 /** Random SPD (n, n): BᵀB / n + 0.1·I. */
 function randomSPD(n: number, seed: number): Float64Array {
-  const g = gaussian(rng(seed));
+  const g = gaussian(mulberry32(seed));
   const B = Float64Array.from({ length: n * n }, g);
   const A = new Float64Array(n * n);
   for (let i = 0; i < n; i++) {
@@ -79,7 +67,7 @@ const eye = (n: number) =>
  * random mixing matrix (correlated inputs) and 1 column in 16 scaled ×6 (heavy columns).
  */
 function syntheticLayer(N: number, K: number, T: number, seed: number) {
-  const g = gaussian(rng(seed));
+  const g = gaussian(mulberry32(seed));
   const W = Float32Array.from({ length: N * K }, () => 0.02 * g());
   for (let i = 0; i < N * K; i += 97) W[i] *= 4;
   const M = Float64Array.from({ length: K * K }, (_, i) => (i % (K + 1) === 0 ? 1 : 0) + 0.3 * g());
@@ -98,13 +86,10 @@ function syntheticLayer(N: number, K: number, T: number, seed: number) {
 Deno.test("linalg: Cholesky of a known matrix, non-PD error, inverse, H⁻¹ factor, solve", () => {
   const A = new Float64Array([4, 12, -16, 12, 37, -43, -16, -43, 98]);
   assertClose(cholesky(A, 3), [2, 0, 0, 6, 1, 0, -8, 5, 3], 1e-14, "cholesky");
-  let err: unknown;
-  try {
-    cholesky(new Float64Array([1, 2, 2, 1]), 2);
-  } catch (e) {
-    err = e;
-  }
-  assert(err instanceof NumericalError && /pivot 1/.test(err.message), `non-PD: ${err}`);
+  assert.throws(() => cholesky(new Float64Array([1, 2, 2, 1]), 2), {
+    name: "NumericalError",
+    message: /pivot 1/,
+  });
 
   const n = 19, H = randomSPD(n, 3); // n not a multiple of the 4-row blocks
   assertClose(matmul(inverseSPD(H, n), H, n), eye(n), 1e-10, "inverse·H");
@@ -116,17 +101,17 @@ Deno.test("linalg: Cholesky of a known matrix, non-PD error, inverse, H⁻¹ fac
 
   const b = Float64Array.from({ length: n }, (_, i) => i - 3);
   const { x, damp } = solveSymmetric(H, b, n);
-  assert(damp === 0, "well-conditioned solve needs no damping");
+  assert.ok(damp === 0, "well-conditioned solve needs no damping");
   const Hx = Array.from({ length: n }, (_, i) => x.reduce((s, xj, j) => s + H[i * n + j] * xj, 0));
   assertClose(Hx, b, 1e-10, "H·x = b");
   // Singular [[1, 1], [1, 1]] with b in its range: damped solve gives the small-norm solution.
   const sing = solveSymmetric(new Float64Array([1, 1, 1, 1]), new Float64Array([2, 2]), 2);
-  assert(sing.damp > 0, "singular solve must retry with damping");
+  assert.ok(sing.damp > 0, "singular solve must retry with damping");
   assertClose(sing.x, [1, 1], 1e-4, "small-norm solution");
 });
 
 Deno.test("hessian: batched XᵀX/T, dead columns, damping; layerLoss matches direct sums", () => {
-  const K = 6, T = 11, g = gaussian(rng(5));
+  const K = 6, T = 11, g = gaussian(mulberry32(5));
   const X = Float32Array.from({ length: T * K }, g);
   for (let t = 0; t < T; t++) X[t * K + 2] = 0; // column 2 dead
   const h = new Hessian(K);
@@ -144,11 +129,11 @@ Deno.test("hessian: batched XᵀX/T, dead columns, damping; layerLoss matches di
   for (let k = 0; k < K; k++) mean += ref[k * K + k] / K;
   for (let k = 0; k < K; k++) ref[k * K + k] += 0.01 * mean;
   assertClose(H, ref, 1e-12, "H");
-  assert(h.dead![2] === 1 && h.dead!.reduce((a, b) => a + b, 0) === 1, "dead column 2");
+  assert.ok(h.dead![2] === 1 && h.dead!.reduce((a, b) => a + b, 0) === 1, "dead column 2");
 
   const N = 3, W = Float32Array.from({ length: N * K }, g), What = W.map((w) => w + 0.1 * g());
   const cal = calibratedLayer(W, N, K, h);
-  assert([0, 1, 2].every((n) => cal.W[n * K + 2] === 0 && W[n * K + 2] !== 0), "dead W zeroed");
+  assert.ok([0, 1, 2].every((n) => cal.W[n * K + 2] === 0 && W[n * K + 2] !== 0), "dead W zeroed");
   assertClose(cal.H, H, 0, "calibratedLayer's H");
   const { loss, relative, rows } = layerLoss(W, What, H, N, K);
   let direct = 0, base = 0;
@@ -209,19 +194,19 @@ Deno.test("gptq: blocked, act-ordered rounding equals the naive OBQ recursion", 
   const H = h.finalize();
   const sz = minMaxScaleZero(W, N, K, bits, G);
   const plan = gptqPlan(H, K, true);
-  assert(plan.order.some((o, i) => o !== i), "act-order permutes the columns");
+  assert.ok(plan.order.some((o, i) => o !== i), "act-order permutes the columns");
   const ref = naiveGptq(W, N, K, H, bits, G, sz.scale, sz.zero, plan.order);
   for (const blocksize of [128, 7]) {
     const q = gptqRound(W, N, K, bits, G, sz, plan, blocksize);
     const diff = q.reduce((c, v, i) => c + (v !== ref[i] ? 1 : 0), 0);
-    assert(diff === 0, `blocksize ${blocksize}: ${diff} codes differ from the reference`);
+    assert.ok(diff === 0, `blocksize ${blocksize}: ${diff} codes differ from the reference`);
   }
   const rtn = roundToNearest(W, N, K, bits, G, sz);
-  assert(rtn.some((v, i) => v !== ref[i]), "error feedback must change some codes");
+  assert.ok(rtn.some((v, i) => v !== ref[i]), "error feedback must change some codes");
 });
 
 Deno.test("gptq: with a diagonal H it equals round-to-nearest under the same s, z", () => {
-  const N = 16, K = 96, G = 32, g = gaussian(rng(9));
+  const N = 16, K = 96, G = 32, g = gaussian(mulberry32(9));
   const W = Float32Array.from({ length: N * K }, () => 0.02 * g());
   const H = new Float64Array(K * K);
   for (let k = 0; k < K; k++) H[k * K + k] = 0.5 + ((k * 37) % 11); // distinct → act-order moves
@@ -229,7 +214,7 @@ Deno.test("gptq: with a diagonal H it equals round-to-nearest under the same s, 
     const sz = minMaxScaleZero(W, N, K, bits, G);
     const q = gptqRound(W, N, K, bits, G, sz, gptqPlan(H, K, true), 32);
     const rtn = roundToNearest(W, N, K, bits, G, sz);
-    assert(q.every((v, i) => v === rtn[i]), `${bits}-bit: GPTQ with diagonal H ≠ RTN`);
+    assert.ok(q.every((v, i) => v === rtn[i]), `${bits}-bit: GPTQ with diagonal H ≠ RTN`);
   }
 });
 
@@ -239,7 +224,7 @@ Deno.test("decoupleQ float step: block-wise normal equations = dense least squar
   const h = new Hessian(K);
   h.addBatch(X, 40);
   const H = h.finalize();
-  const r = rng(4);
+  const r = mulberry32(4);
   const q = Int8Array.from({ length: N * K }, () => Math.floor(r() * 4) - 2);
   q[K + 5] = 1; // ensure no group is constant
   const lsq = new ScaleZeroLsq(W, N, K, H, G);
@@ -292,7 +277,7 @@ Deno.test("decoupleQ float step: block-wise normal equations = dense least squar
     for (let c = 0; c < m; c++) {
       const t = Array.from(th);
       t[c] += 1e-3;
-      assert(lossAt(t) > lossAt(th), `θ row ${n} not a minimum along ${c}`);
+      assert.ok(lossAt(t) > lossAt(th), `θ row ${n} not a minimum along ${c}`);
     }
   }
   // A group whose codes are all 0 leaves its scale undetermined: the solver keeps the current one.
@@ -300,8 +285,8 @@ Deno.test("decoupleQ float step: block-wise normal equations = dense least squar
   q0.fill(0, 0, G);
   lsq.normalEquations(q0, 0, 1, M, b);
   const th0 = lsq.solve(M, b, 0, 0, [0.0123, 0.5]);
-  assert(th0[0] === 0.0123, `s of an all-zero group must stay 0.0123, got ${th0[0]}`);
-  assert(th0.every(Number.isFinite), "finite θ with an all-zero group");
+  assert.ok(th0[0] === 0.0123, `s of an all-zero group must stay 0.0123, got ${th0[0]}`);
+  assert.ok(th0.every(Number.isFinite), "finite θ with an all-zero group");
 });
 
 /** RTN, GPTQ and decoupleQ losses on the synthetic layer (two calibration batches). */
@@ -347,14 +332,14 @@ Deno.test("quantizers: layer loss decoupleQ < GPTQ < RTN at 2, 3, 4 bits, G = 32
           ` [grid "plain": ${fmt(dqPlain.loss.loss)}]` +
           ` history ${dq.history.map((s) => fmt(s.loss)).join(" → ")}`,
       );
-      assert(gptq.loss.loss < 0.9 * rtn.loss.loss, `W${bits}g${G}: GPTQ not below RTN`);
-      assert(dq.loss.loss < 0.99 * gptq.loss.loss, `W${bits}g${G}: decoupleQ not below GPTQ`);
+      assert.ok(gptq.loss.loss < 0.9 * rtn.loss.loss, `W${bits}g${G}: GPTQ not below RTN`);
+      assert.ok(dq.loss.loss < 0.99 * gptq.loss.loss, `W${bits}g${G}: decoupleQ not below GPTQ`);
       // The history starts at GPTQ (same static groups, same act-order) and never increases.
       assertClose([dq.history[0].loss], [gptq.loss.loss], 1e-9, "decoupleQ iteration 0 = GPTQ");
       for (let i = 1; i < dq.history.length; i++) {
         const [a, b] = [dq.history[i - 1].loss, dq.history[i].loss];
-        assert(b <= a, `W${bits}g${G}: loss rose from ${a} to ${b} at iteration ${i}`);
-        assert(dq.history[i].lossAfterInteger <= a, "integer step kept the better rows");
+        assert.ok(b <= a, `W${bits}g${G}: loss rose from ${a} to ${b} at iteration ${i}`);
+        assert.ok(dq.history[i].lossAfterInteger <= a, "integer step kept the better rows");
       }
       const last = dq.history[dq.history.length - 1].loss;
       assertClose([last], [dq.loss.loss], 1e-12, "history ends at the reported loss");
@@ -366,8 +351,8 @@ Deno.test("quantizers: layer loss decoupleQ < GPTQ < RTN at 2, 3, 4 bits, G = 32
         "dQ loss",
       );
       for (const r of [rtn, gptq, dq]) {
-        assert(r.ql.scale.every((s) => Math.f16round(s) === s), "scales are fp16 values");
-        assert(r.ql.zero.every((z) => Math.f16round(z) === z), "zeros are fp16 values");
+        assert.ok(r.ql.scale.every((s) => Math.f16round(s) === s), "scales are fp16 values");
+        assert.ok(r.ql.zero.every((z) => Math.f16round(z) === z), "zeros are fp16 values");
       }
     }
   }
@@ -390,14 +375,14 @@ Deno.test("decoupleQ float step never increases a row's loss and lowers most row
   assertClose(step.after, after.rows, 1e-8, "quadratic-form loss after = layerLoss rows");
   let lowered = 0;
   for (let n = 0; n < N; n++) {
-    assert(after.rows[n] <= before.rows[n], `row ${n}: ${before.rows[n]} → ${after.rows[n]}`);
+    assert.ok(after.rows[n] <= before.rows[n], `row ${n}: ${before.rows[n]} → ${after.rows[n]}`);
     if (after.rows[n] < 0.99 * before.rows[n]) lowered++;
   }
-  assert(lowered > N / 2, `only ${lowered}/${N} rows lowered by the float step`);
+  assert.ok(lowered > N / 2, `only ${lowered}/${N} rows lowered by the float step`);
   // The full algorithm's per-row result is no worse than its GPTQ start, row by row.
   const dq = decoupleQ(W, N, K, H, { bits, groupSize: G });
   for (let n = 0; n < N; n++) {
-    assert(dq.loss.rows[n] <= before.rows[n] * (1 + 1e-9), `decoupleQ row ${n} got worse`);
+    assert.ok(dq.loss.rows[n] <= before.rows[n] * (1 + 1e-9), `decoupleQ row ${n} got worse`);
   }
 });
 
@@ -409,7 +394,7 @@ Deno.test({
   ignore: !bench,
   fn() {
     for (const [N, K] of [[688, 256], [256, 688], [2048, 2048]]) {
-      const g = gaussian(rng(N + K));
+      const g = gaussian(mulberry32(N + K));
       const W = Float32Array.from({ length: N * K }, () => 0.02 * g());
       // H = BᵀB/64 + diagonal (correlated inputs, 1 heavy column in 16) without a long X.
       const R = 64, B = Float64Array.from({ length: R * K }, g), H = new Float64Array(K * K);

@@ -1,27 +1,17 @@
 /** Tests of runtime/reference.ts on the real stories260K model and on synthetic models. */
+import assert from "node:assert/strict";
 import { expectedShapes, tensorNames } from "../runtime/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
 import { openCheckpoint } from "../runtime/open_checkpoint.ts";
 import { ReferenceModel } from "../runtime/reference.ts";
 import { argmax } from "../runtime/sampling.ts";
+import { haveShared, maxAbsDiff, sharedPath, stories260KGreedyText } from "./helpers.ts";
 import { syntheticConfig, syntheticTensor } from "./synthetic.ts";
 
-function assert(cond: unknown, msg: string): asserts cond {
-  if (!cond) throw new Error(msg);
-}
-function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let d = 0;
-  for (let i = 0; i < a.length; i++) d = Math.max(d, Math.abs(a[i] - b[i]));
-  return d;
-}
-
-const shared = (p: string) => new URL(`../../shared/models/${p}`, import.meta.url).pathname;
-const binPath = shared("stories260K/stories260K.bin"), hfDir = shared("stories260K-hf");
-const tokPath = shared("stories260K/tok512.bin");
-const cardPath = shared("stories260K/stories260K.md");
-const haveStories = await Promise.all([binPath, hfDir, tokPath, cardPath].map((p) => Deno.stat(p)))
-  .then(() => true, () => false);
-const skipNote = haveStories ? "" : " (SKIPPED: ../shared/models/stories260K* not found)";
+const binRel = "models/stories260K/stories260K.bin", hfRel = "models/stories260K-hf";
+const tokRel = "models/stories260K/tok512.bin", cardRel = "models/stories260K/stories260K.md";
+const binPath = sharedPath(binRel), hfDir = sharedPath(hfRel), tokPath = sharedPath(tokRel);
+const haveStories = await haveShared(binRel, hfRel, tokRel, cardRel);
 
 /** Decodes ids with a llama2.c tokenizer.bin as run.c does (no tokenizer module needed). */
 function decodeLlama2c(tokBytes: Uint8Array, ids: number[], vocabSize: number): string {
@@ -49,7 +39,7 @@ function decodeLlama2c(tokBytes: Uint8Array, ids: number[], vocabSize: number): 
 }
 
 Deno.test({
-  name: `stories260K: .bin and -hf give the same logits${skipNote}`,
+  name: "stories260K: .bin and -hf give the same logits",
   ignore: !haveStories,
   fn: async () => {
     const [bin, hf] = await Promise.all([openCheckpoint(binPath), openCheckpoint(hfDir)]);
@@ -60,13 +50,13 @@ Deno.test({
     tokens.forEach((t, pos) => {
       const la = a.forward(t, pos), lb = b.forward(t, pos);
       const d = maxAbsDiff(la, lb);
-      assert(d < 1e-4, `position ${pos}: max |Δlogit| ${d}`);
+      assert.ok(d < 1e-4, `position ${pos}: max |Δlogit| ${d}`);
     });
   },
 });
 
 Deno.test({
-  name: `stories260K: greedy generation reproduces llama2.c's documented text${skipNote}`,
+  name: "stories260K: greedy generation reproduces llama2.c's documented text",
   ignore: !haveStories,
   fn: async () => {
     const ckpt = await openCheckpoint(binPath);
@@ -83,13 +73,11 @@ Deno.test({
     const start = decodeLlama2c(tok, ids.slice(0, 40), 512);
     const want =
       "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.";
-    assert(start.startsWith(want), `first 40 tokens: ${JSON.stringify(start)} (ids ${ids})`);
+    assert.ok(start.startsWith(want), `first 40 tokens: ${JSON.stringify(start)} (ids ${ids})`);
     // The whole greedy sample quoted in the model card.
-    const card = await Deno.readTextFile(cardPath);
-    const documented = /-t 0\.0\n([\s\S]*?)\n```/.exec(card)?.[1];
-    assert(documented, "greedy sample not found in stories260K.md");
+    const documented = await stories260KGreedyText();
     const text = decodeLlama2c(tok, ids, 512);
-    assert(text === documented, `256 tokens: ${JSON.stringify(text)}`);
+    assert.ok(text === documented, `256 tokens: ${JSON.stringify(text)}`);
   },
 });
 
@@ -110,7 +98,7 @@ Deno.test("reference: tied equals untied with lm_head = embedding; biases and sc
   const untied = new ReferenceModel({ ...config, tiedEmbeddings: false }, untiedW);
   for (const [pos, t] of [5, 17, 3].entries()) {
     const d = maxAbsDiff(tied.forward(t, pos), untied.forward(t, pos));
-    assert(d === 0, `tied vs untied differ by ${d}`);
+    assert.ok(d === 0, `tied vs untied differ by ${d}`);
   }
   // Qwen2-style biases and llama3 scaling: finite logits, biases change them.
   const ropeScaling = {
@@ -121,9 +109,9 @@ Deno.test("reference: tied equals untied with lm_head = embedding; biases and sc
   };
   const q = syntheticWeights({ qkvBias: true, nLayers: 1, ropeScaling }, 12);
   const withBias = new ReferenceModel(q.config, q.weights).forward(7, 0);
-  assert(withBias.every(Number.isFinite), "non-finite logits");
+  assert.ok(withBias.every(Number.isFinite), "non-finite logits");
   const noBias = new ReferenceModel({ ...q.config, qkvBias: false }, q.weights).forward(7, 0);
-  assert(maxAbsDiff(withBias, noBias) > 1e-6, "q/k/v biases had no effect");
+  assert.ok(maxAbsDiff(withBias, noBias) > 1e-6, "q/k/v biases had no effect");
 });
 
 Deno.test("reference: KV cache rewind, reset and argument checks", () => {
@@ -132,17 +120,11 @@ Deno.test("reference: KV cache rewind, reset and argument checks", () => {
   const first = [9, 4, 77].map((t, pos) => m.forward(t, pos));
   // Rewinding to position 1 drops the later positions and recomputes identically.
   const again = m.forward(4, 1);
-  assert(maxAbsDiff(again, first[1]) === 0, "rewind changed position 1");
-  assert(m.cachedPositions === 2, `cached ${m.cachedPositions}`);
+  assert.ok(maxAbsDiff(again, first[1]) === 0, "rewind changed position 1");
+  assert.ok(m.cachedPositions === 2, `cached ${m.cachedPositions}`);
   m.reset();
-  assert(maxAbsDiff(m.forward(9, 0), first[0]) === 0, "reset did not restore position 0");
+  assert.ok(maxAbsDiff(m.forward(9, 0), first[0]) === 0, "reset did not restore position 0");
   for (const [t, pos] of [[-1, 1], [config.vocabSize, 1], [3, 5]]) {
-    let err: unknown;
-    try {
-      m.forward(t, pos);
-    } catch (e) {
-      err = e;
-    }
-    assert(err instanceof ParameterError, `forward(${t}, ${pos}) did not throw ParameterError`);
+    assert.throws(() => m.forward(t, pos), ParameterError, `forward(${t}, ${pos}) did not throw`);
   }
 });

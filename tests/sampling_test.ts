@@ -1,14 +1,7 @@
 /** Tests of runtime/sampling.ts: greedy, top-k, top-p, the sampled distribution, the hash. */
+import assert from "node:assert/strict";
 import { ParameterError } from "../runtime/errors.ts";
 import { argmax, pcgHash, sample, uniform } from "../runtime/sampling.ts";
-
-function assert(cond: unknown, msg: string): asserts cond {
-  if (!cond) throw new Error(msg);
-}
-function assertEquals<T>(actual: T, expected: T, msg = ""): void {
-  const a = JSON.stringify(actual), e = JSON.stringify(expected);
-  if (a !== e) throw new Error(`${msg} expected ${e}, got ${a}`);
-}
 
 /** Counts sample() results over `n` stratified u values (j + 0.5) / n. */
 function histogram(logits: Float64Array, params: Parameters<typeof sample>[1], n: number) {
@@ -25,34 +18,34 @@ function expectedProbs(logits: number[], T: number, keep: number[]): number[] {
 }
 
 Deno.test("pcgHash and uniform match the PCG reference values", () => {
-  assertEquals(
+  assert.deepEqual(
     [0, 1, 42, 0xffffffff, 123456789].map(pcgHash),
     [129708002, 2831084092, 1223963391, 3861530882, 4272394698],
   );
   // Values computed with Python integer arithmetic.
-  assertEquals(uniform(0, 0), 0.19039934873580933);
-  assertEquals(uniform(42, 7), 0.4519132971763611);
-  assertEquals(uniform(133742, 1000), 0.3761892318725586);
+  assert.deepEqual(uniform(0, 0), 0.19039934873580933);
+  assert.deepEqual(uniform(42, 7), 0.4519132971763611);
+  assert.deepEqual(uniform(133742, 1000), 0.3761892318725586);
   for (let s = 0; s < 1000; s++) {
     const u = uniform(7, s);
-    assert(u >= 0 && u < 1, `uniform out of [0, 1): ${u}`);
+    assert.ok(u >= 0 && u < 1, `uniform out of [0, 1): ${u}`);
   }
 });
 
 Deno.test("argmax and temperature 0 pick the lowest index among ties", () => {
   const l = new Float32Array([0.5, 3, -1, 3, 2]);
-  assertEquals(argmax(l), 1);
+  assert.deepEqual(argmax(l), 1);
   for (const u of [0, 0.3, 0.999]) {
-    assertEquals(sample(l, { temperature: 0, topK: 5, topP: 0.5 }, u), 1);
+    assert.deepEqual(sample(l, { temperature: 0, topK: 5, topP: 0.5 }, u), 1);
   }
-  assertEquals(argmax(new Float64Array([-Infinity, -5, -Infinity])), 1);
+  assert.deepEqual(argmax(new Float64Array([-Infinity, -5, -Infinity])), 1);
 });
 
 Deno.test("top-k = 1 equals argmax", () => {
   for (let trial = 0; trial < 200; trial++) {
     const l = Float32Array.from({ length: 50 }, (_, i) => uniform(trial, i) * 10 - 5);
     const u = uniform(trial, 999);
-    assertEquals(sample(l, { temperature: 1.3, topK: 1, topP: 1 }, u), argmax(l));
+    assert.deepEqual(sample(l, { temperature: 1.3, topK: 1, topP: 1 }, u), argmax(l));
   }
 });
 
@@ -70,7 +63,7 @@ Deno.test("sample() follows softmax(l / T), with and without top-k", () => {
     const want = expectedProbs(logits, params.temperature, keep);
     // Stratified u values: each frequency is exact to within 1/n.
     got.forEach((g, i) => {
-      assert(
+      assert.ok(
         Math.abs(g - want[i]) <= 2 / n,
         `${JSON.stringify(params)} token ${i}: ${g} vs ${want[i]}`,
       );
@@ -82,7 +75,7 @@ Deno.test("sample() follows softmax(l / T), with and without top-k", () => {
   for (let s = 0; s < m; s++) counts[sample(l, cases[0].params, uniform(1234, s))]++;
   const want = expectedProbs(logits, 0.7, cases[0].keep);
   counts.forEach((c, i) => {
-    assert(Math.abs(c / m - want[i]) < 0.015, `uniform() token ${i}: ${c / m} vs ${want[i]}`);
+    assert.ok(Math.abs(c / m - want[i]) < 0.015, `uniform() token ${i}: ${c / m} vs ${want[i]}`);
   });
 });
 
@@ -93,21 +86,21 @@ Deno.test("top-p keeps the smallest high-probability set (hand example)", () => 
     const h = histogram(l, { temperature: 1, topK, topP }, 10_000);
     return h.flatMap((f, i) => (f > 0 ? [i] : []));
   };
-  assertEquals(keptBy(0.45), [0]); // 0.5 ≥ 0.45
-  assertEquals(keptBy(0.55), [0, 1]); // 0.5 < 0.55 ≤ 0.7
-  assertEquals(keptBy(0.8), [0, 1, 2]); // 0.7 < 0.8 ≤ 0.85
-  assertEquals(keptBy(0.99), [0, 1, 2, 3, 4]);
-  assertEquals(keptBy(0.8, 2), [0, 1]); // the tighter of top-k and top-p wins
-  assertEquals(keptBy(0.45, 3), [0]);
+  assert.deepEqual(keptBy(0.45), [0]); // 0.5 ≥ 0.45
+  assert.deepEqual(keptBy(0.55), [0, 1]); // 0.5 < 0.55 ≤ 0.7
+  assert.deepEqual(keptBy(0.8), [0, 1, 2]); // 0.7 < 0.8 ≤ 0.85
+  assert.deepEqual(keptBy(0.99), [0, 1, 2, 3, 4]);
+  assert.deepEqual(keptBy(0.8, 2), [0, 1]); // the tighter of top-k and top-p wins
+  assert.deepEqual(keptBy(0.45, 3), [0]);
   // Kept tokens are sampled in proportion: 0.5 / 0.7 of u goes to token 0.
   const h = histogram(l, { temperature: 1, topK: 0, topP: 0.55 }, 7000);
-  assert(Math.abs(h[0] - 5 / 7) < 1e-3, `token 0 frequency ${h[0]}`);
+  assert.ok(Math.abs(h[0] - 5 / 7) < 1e-3, `token 0 frequency ${h[0]}`);
   // Ties: p ∝ [e², e, e, 1]; top-p 0.6 needs the tied pair, and keeps both of it.
   const tied = Float64Array.from([2, 1, 1, 0]);
   const ht = histogram(tied, { temperature: 1, topK: 0, topP: 0.6 }, 10_000);
-  assert(ht[1] > 0 && ht[2] > 0 && ht[3] === 0, `tie group handling: ${ht}`);
+  assert.ok(ht[1] > 0 && ht[2] > 0 && ht[3] === 0, `tie group handling: ${ht}`);
   // u at the top end returns the last kept token.
-  assertEquals(sample(tied, { temperature: 1, topK: 0, topP: 0.6 }, 0.9999999), 2);
+  assert.deepEqual(sample(tied, { temperature: 1, topK: 0, topP: 0.6 }, 0.9999999), 2);
 });
 
 Deno.test("sample() rejects out-of-range parameters", () => {
@@ -119,12 +112,10 @@ Deno.test("sample() rejects out-of-range parameters", () => {
       topP: 0,
     }]
   ) {
-    let err: unknown;
-    try {
-      sample(l, p, 0.5);
-    } catch (e) {
-      err = e;
-    }
-    assert(err instanceof ParameterError, `no ParameterError for ${JSON.stringify(p)}`);
+    assert.throws(
+      () => sample(l, p, 0.5),
+      ParameterError,
+      `no ParameterError for ${JSON.stringify(p)}`,
+    );
   }
 });

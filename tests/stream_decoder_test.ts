@@ -1,12 +1,11 @@
 /** StreamDecoder: streamed pieces concatenate to decode(), never with a broken character. */
 
+import assert from "node:assert/strict";
 import { StreamDecoder } from "../runtime/stream_decoder.ts";
 import type { Tokenizer } from "../runtime/tokenizer.ts";
 import { HfTokenizer } from "../runtime/tokenizer_hf.ts";
 import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
 import {
-  assert,
-  assertEquals,
   exists,
   NOVELS_DIR,
   STORIES_BIN,
@@ -45,7 +44,9 @@ function stream(tok: Tokenizer, prompt: number[] | undefined, generated: number[
   const decoder = new StreamDecoder(tok, prompt);
   const pieces = generated.map((id) => decoder.push(id));
   pieces.push(decoder.flush());
-  for (const p of pieces) assert(!p.includes("\uFFFD"), `broken character in ${JSON.stringify(p)}`);
+  for (const p of pieces) {
+    assert.ok(!p.includes("\uFFFD"), `broken character in ${JSON.stringify(p)}`);
+  }
   return pieces;
 }
 
@@ -53,9 +54,9 @@ Deno.test("StreamDecoder: pieces after the BOS concatenate to decode()", () => {
   for (const [name, tok] of tokenizers()) {
     for (const text of TEXTS) {
       const ids = tok.encode(text);
-      assertEquals(ids[0], tok.bosId);
+      assert.deepEqual(ids[0], tok.bosId);
       const pieces = stream(tok, [ids[0]], ids.slice(1));
-      assertEquals(pieces.join(""), tok.decode(ids), `${name}: ${text}`);
+      assert.deepEqual(pieces.join(""), tok.decode(ids), `${name}: ${text}`);
     }
   }
 });
@@ -69,7 +70,7 @@ Deno.test("StreamDecoder: a prompt split anywhere, even inside a character", () 
       const pieces = stream(tok, ids.slice(0, k), ids.slice(k));
       // The prompt's text up to its last whole character; the stream supplies the rest.
       const before = tok.decode(ids.slice(0, k)).replace(/\uFFFD+$/, "");
-      assertEquals(before + pieces.join(""), full, `${name}, split at ${k}`);
+      assert.deepEqual(before + pieces.join(""), full, `${name}, split at ${k}`);
     }
   }
 });
@@ -78,22 +79,22 @@ Deno.test("StreamDecoder: without a prompt the first piece keeps its leading spa
   for (const [name, tok] of tokenizers()) {
     const ids = tok.encode("hello wörld 🙂", { bos: false });
     // The text continues an unseen prompt: "▁hello" is " hello", as in the middle of a text.
-    assertEquals(stream(tok, undefined, ids).join(""), " hello wörld 🙂", name);
+    assert.deepEqual(stream(tok, undefined, ids).join(""), " hello wörld 🙂", name);
   }
 });
 
 Deno.test("StreamDecoder: holds a split character back until it is complete", () => {
   const tok = new Llama2cTokenizer(tinyTokenizerBin());
   const ids = tok.encode("🙂", { bos: false }); // " " then four byte tokens
-  assertEquals(ids.length, 5);
+  assert.deepEqual(ids.length, 5);
   const decoder = new StreamDecoder(tok);
-  assertEquals(ids.map((id) => decoder.push(id)), [" ", "", "", "", "🙂"]);
-  assertEquals(decoder.flush(), "");
+  assert.deepEqual(ids.map((id) => decoder.push(id)), [" ", "", "", "", "🙂"]);
+  assert.deepEqual(decoder.flush(), "");
   // An unfinished character comes out of flush() as U+FFFD.
   const cut = new StreamDecoder(tok);
-  assertEquals(ids.slice(0, 3).map((id) => cut.push(id)), [" ", "", ""]);
-  assertEquals(cut.flush(), "\uFFFD");
+  assert.deepEqual(ids.slice(0, 3).map((id) => cut.push(id)), [" ", "", ""]);
+  assert.deepEqual(cut.flush(), "\uFFFD");
   // Special ids produce no text.
   const special = new StreamDecoder(tok, [tok.bosId]);
-  assertEquals([tok.eosId].map((id) => special.push(id)), [""]);
+  assert.deepEqual([tok.eosId].map((id) => special.push(id)), [""]);
 });

@@ -1,44 +1,9 @@
 /**
- * Shared pieces of the tokenizer tests: assertions, paths of the shared data, and a tiny
- * synthetic tokenizer in both formats.
+ * Shared pieces of the tokenizer tests: paths of the shared data and a tiny synthetic
+ * tokenizer in both formats.
  */
 
-import { deepStrictEqual, ok } from "node:assert/strict";
-
-/** Throws unless `cond`. */
-export function assert(cond: unknown, message = "assertion failed"): asserts cond {
-  ok(cond, message);
-}
-
-/** Throws unless `actual` and `expected` are deeply and strictly equal. */
-export function assertEquals(actual: unknown, expected: unknown, message?: string): void {
-  deepStrictEqual(actual, expected, message);
-}
-
-/** Awaits `fn` and checks it rejects with `type` and a message containing every `parts`. */
-export async function assertRejects(
-  fn: () => unknown,
-  type: new (...args: never[]) => Error,
-  ...parts: string[]
-): Promise<Error> {
-  let error: unknown;
-  try {
-    await fn();
-  } catch (e) {
-    error = e;
-  }
-  assert(error !== undefined, `expected a ${type.name}, but nothing was thrown`);
-  assert(error instanceof type, `expected a ${type.name}, got ${error}`);
-  for (const part of parts) {
-    assert(error.message.includes(part), `"${error.message}" does not mention "${part}"`);
-  }
-  return error;
-}
-
-/** A path under /work/shared (`../shared` from the project). */
-export function shared(path: string): string {
-  return new URL(`../../shared/${path}`, import.meta.url).pathname;
-}
+import { sharedPath } from "./helpers.ts";
 
 /** Whether every path exists (tests on real data are skipped otherwise). */
 export function exists(...paths: string[]): boolean {
@@ -50,12 +15,12 @@ export function exists(...paths: string[]): boolean {
   }
 }
 
-export const STORIES_BIN = shared("models/stories260K/tok512.bin");
-export const STORIES_MODEL = shared("models/stories260K/stories260K.bin");
-export const STORIES_HF_DIR = shared("models/stories260K-hf");
-export const NOVELS_DIR = shared("data/novels/tokenizer");
-export const TINYSTORIES = shared("data/tinystories/TinyStories-valid-sample.txt");
-export const HELDOUT = shared("data/novels/heldout.txt");
+export const STORIES_BIN = sharedPath("models/stories260K/tok512.bin");
+export const STORIES_MODEL = sharedPath("models/stories260K/stories260K.bin");
+export const STORIES_HF_DIR = sharedPath("models/stories260K-hf");
+export const NOVELS_DIR = sharedPath("data/novels/tokenizer");
+export const TINYSTORIES = sharedPath("data/tinystories/TinyStories-valid-sample.txt");
+export const HELDOUT = sharedPath("data/novels/heldout.txt");
 
 /** Pieces (with SentencePiece "▁" for space) and merges of the tiny synthetic tokenizer. */
 const TINY_PIECES = [

@@ -3,8 +3,10 @@
  * O(n²) encode() loop, including ties between equal scores and byte fallback.
  */
 
+import assert from "node:assert/strict";
 import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
-import { assertEquals, exists, HELDOUT, llama2cBin, NOVELS_DIR } from "./tokenizer_helpers.ts";
+import { exists, HELDOUT, llama2cBin, NOVELS_DIR } from "./tokenizer_helpers.ts";
+import { mulberry32 } from "./helpers.ts";
 
 /** run.c's encode(), ported literally (vocab and lookups over raw byte strings). */
 function referenceEncode(bin: Uint8Array, text: string, bos: boolean): number[] {
@@ -54,16 +56,6 @@ function referenceEncode(bin: Uint8Array, text: string, bos: boolean): number[] 
   return tokens;
 }
 
-/** A deterministic pseudo-random generator (mulberry32). */
-function rng(seed: number): () => number {
-  return () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 Deno.test("llama2.c encode matches run.c's loop, ties going to the leftmost pair", () => {
   // Many equal scores, overlapping candidate merges and a piece reachable two ways.
   const entries = [
@@ -93,15 +85,19 @@ Deno.test("llama2.c encode matches run.c's loop, ties going to the leftmost pair
   ];
   const bin = llama2cBin(entries);
   const tok = new Llama2cTokenizer(bin);
-  const random = rng(7);
+  const random = mulberry32(7);
   const alphabet = ["a", "b", " ", "é", "c", "🙂"];
   for (let n = 0; n < 400; n++) {
     let text = "";
     const len = Math.floor(random() * 24);
     for (let i = 0; i < len; i++) text += alphabet[Math.floor(random() * alphabet.length)];
     const bos = n % 2 === 0;
-    assertEquals(tok.encode(text, { bos }), referenceEncode(bin, text, bos), JSON.stringify(text));
-    assertEquals(tok.decode([1, ...tok.encode(text, { bos: false })]), text);
+    assert.deepEqual(
+      tok.encode(text, { bos }),
+      referenceEncode(bin, text, bos),
+      JSON.stringify(text),
+    );
+    assert.deepEqual(tok.decode([1, ...tok.encode(text, { bos: false })]), text);
   }
 });
 
@@ -116,11 +112,11 @@ Deno.test({
     const bin = Deno.readFileSync(`${NOVELS_DIR}/tokenizer.bin`);
     const tok = new Llama2cTokenizer(bin);
     const text = Deno.readTextFileSync(HELDOUT).slice(0, 200_000);
-    const random = rng(11);
+    const random = mulberry32(11);
     for (let n = 0; n < 30; n++) {
       const start = Math.floor(random() * (text.length - 300));
       const piece = text.slice(start, start + Math.floor(random() * 300));
-      assertEquals(tok.encode(piece), referenceEncode(bin, piece, true), JSON.stringify(piece));
+      assert.deepEqual(tok.encode(piece), referenceEncode(bin, piece, true), JSON.stringify(piece));
     }
   },
 });
