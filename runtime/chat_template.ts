@@ -2,7 +2,7 @@
 
 import { Template } from "@huggingface/jinja";
 import { TokenizerError } from "./errors.ts";
-import type { ChatMessage } from "./tokenizer.ts";
+import type { ChatMessage, Tokenizer } from "./tokenizer.ts";
 
 /** What a chat template sees besides the messages. */
 export interface ChatTemplateContext {
@@ -80,4 +80,13 @@ export function pickChatTemplate(value: unknown): string | undefined {
     return (named.find((t) => t.name === "default") ?? named[0])?.template;
   }
   return undefined;
+}
+
+/**
+ * A rendered chat as ids. Like transformers, the rendered text is encoded without an added BOS
+ * when the template already wrote the BOS token; otherwise with the tokenizer's usual BOS.
+ */
+export function encodeChat(tok: Tokenizer, text: string): number[] {
+  const ids = tok.encode(text, { bos: false });
+  return tok.bosId >= 0 && ids.includes(tok.bosId) ? ids : tok.encode(text, { bos: true });
 }

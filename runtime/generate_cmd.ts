@@ -12,6 +12,7 @@ import { StreamDecoder } from "./stream_decoder.ts";
 import { validateSamplingParams } from "./sampling.ts";
 import { ParameterError } from "./errors.ts";
 import { dtypeOption, numberOption, runMain } from "./cli.ts";
+import { encodeChat } from "./chat_template.ts";
 
 const USAGE = `usage: deno task generate --model PATH [options]
   --model PATH         Hugging Face model directory, llama2.c .bin, or .lowbit file
@@ -67,7 +68,7 @@ async function main(args: string[]): Promise<void> {
   const text = a.chat
     ? tokenizer.applyChatTemplate([{ role: "user", content: a.prompt! }])
     : a.prompt!;
-  const prompt = tokenizer.encode(text, { bos: true });
+  const prompt = a.chat ? encodeChat(tokenizer, text) : tokenizer.encode(text, { bos: true });
   const dec = new StreamDecoder(tokenizer, prompt);
   const out = new TextEncoder();
   if (!a.chat) await Deno.stdout.write(out.encode(text)); // echo the prompt, as llama.cpp does

@@ -3,13 +3,13 @@
  * generated as the assistant's reply.
  */
 import type { Context } from "hono";
-import type { Tokenizer } from "../tokenizer.ts";
 import { TokenizerError } from "../errors.ts";
 import { readBody } from "./body.ts";
 import { ApiError } from "./errors.ts";
 import { checkModel, parseGenParams, parseMessages } from "./params.ts";
 import { checkPromptLength, checkTextLength, type ServerContext } from "./context.ts";
 import { type Format, respond } from "./respond.ts";
+import { encodeChat } from "../chat_template.ts";
 
 const format: Format = {
   idPrefix: "chatcmpl",
@@ -34,15 +34,6 @@ const format: Format = {
     finish_reason: finish,
   }),
 };
-
-/**
- * The rendered chat as ids. Like transformers, the rendered text is encoded without an added BOS
- * when the template already wrote the BOS token; otherwise with the tokenizer's usual BOS.
- */
-export function encodeChat(tok: Tokenizer, text: string): number[] {
-  const ids = tok.encode(text, { bos: false });
-  return tok.bosId >= 0 && ids.includes(tok.bosId) ? ids : tok.encode(text, { bos: true });
-}
 
 export function chatCompletions(ctx: ServerContext) {
   return async (c: Context): Promise<Response> => {
