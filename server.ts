@@ -133,7 +133,9 @@ const USAGE = `usage: deno task serve [options]
   --port N                port (default 8080)
   --ctx N                 context length (default: the model's, at most 2048)
   --max-tokens-limit N    largest max_tokens a request may ask for (default: the context)
-  --max-queue N           requests allowed to wait; more get 429 (default 64)`;
+  --max-queue N           requests allowed to wait; more get 429 (default 64)
+  --slots N               requests decoded together, each with a KV cache of the context
+                          (default 8)`;
 
 async function main(args: string[]): Promise<void> {
   const { values: a } = parseArgs({
@@ -147,6 +149,7 @@ async function main(args: string[]): Promise<void> {
       ctx: { type: "string" },
       "max-tokens-limit": { type: "string" },
       "max-queue": { type: "string", default: "64" },
+      slots: { type: "string", default: "8" },
       help: { type: "boolean", default: false },
     },
   });
@@ -165,6 +168,7 @@ async function main(args: string[]): Promise<void> {
   });
   const engine = new Engine(model, tokenizer, modelId, {
     maxQueue: intOption("max-queue", a["max-queue"], 0),
+    slots: intOption("slots", a.slots, 1),
   });
   const shutdown = new AbortController();
   Deno.addSignalListener("SIGINT", () => shutdown.abort());

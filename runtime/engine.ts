@@ -1,11 +1,22 @@
 /**
- * The serving engine: accepts generation jobs and runs them on one GPU model. This version runs
- * jobs one at a time in arrival order (a bounded queue in front); continuous batching replaces
- * the inside later without changing this interface.
+ * The serving engine: accepts generation jobs and runs them on one GPU model with continuous
+ * batching. Up to `slots` jobs run at once, each in a slot of its own (a fork of the model: its
+ * own KV cache, token buffer and step uniform, the weights shared). Between decode steps the
+ * scheduler admits waiting jobs into free slots (a prefill, which samples the job's first token),
+ * then submits `batch` batched steps (each a single submit with a decode of every running job)
+ * and one copy of all their new tokens into a mappable buffer. Up to `inflight` such read-backs
+ * run ahead of the host; each job's tokens are handed to its consumer as they arrive. A job leaves
+ * its slot when it is done (stop id, max tokens, context end), when its consumer stops reading
+ * or when its AbortSignal fires; steps already in flight for it are discarded. The GPU queue runs
+ * in submission order, so a freed slot is reused at once.
+ *
+ * The sampled token never leaves the GPU between one job's steps (as in generate.ts), and each
+ * slot runs exactly the kernels `generate` runs, so a job gives the same tokens whatever runs
+ * beside it (greedy and sampled: the sampler's random numbers depend on seed and position only).
  */
 import type { GpuModel, SamplingParams } from "./model.ts";
 import type { Tokenizer } from "./tokenizer.ts";
-import { generate, type GenerateStats } from "./generate.ts";
+import type { GenerateStats } from "./generate.ts";
 import { ParameterError } from "./errors.ts";
 
 export interface Job {
@@ -26,75 +37,325 @@ export class QueueFullError extends Error {
 }
 
 export interface EngineOptions {
-  /** Jobs allowed to wait (default 64). */
+  /** Jobs allowed to wait for a slot (default 64). */
   maxQueue?: number;
-  /** Called once per decode step with the ids of the jobs in it (for logs and tests). */
+  /** Jobs running at once (default 8); each slot holds a KV cache of the model's context. */
+  slots?: number;
+  /** Batched decode steps per read-back of the new tokens (default 8, as `generate`). */
+  batch?: number;
+  /**
+   * Read-backs in flight (default 3): up to batch × inflight steps run ahead of the host, which
+   * is also how long a joining job's prefill may wait behind them.
+   */
+  inflight?: number;
+  /** Called once per batched decode step with the ids of the jobs in it (for logs and tests). */
   onStep?: (jobIds: number[]) => void;
 }
 
+/** A submitted job as the scheduler sees it. */
+interface Live {
+  id: number;
+  job: Job;
+  maxNew: number;
+  stop: Set<number>;
+  pos: number; // next decode position
+  scheduled: number; // tokens sampled or being sampled
+  generated: number;
+  /** Finished or abandoned: tokens still in flight for it are dropped. */
+  done: boolean;
+  finishReason: GenerateStats["finishReason"];
+  error: unknown;
+  out: number[]; // tokens not yet taken by the consumer
+  wake: (() => void) | null;
+  onAbort: () => void;
+  t0: number;
+  tFirst: number;
+  tEnd: number;
+}
+
+interface Slot {
+  model: GpuModel;
+  live: Live | null;
+}
+
+/** Tokens [from, from + count) of a job's token buffer, read back at `offset` in a staging buffer. */
+interface Part {
+  live: Live;
+  slot: Slot;
+  from: number;
+  count: number;
+  offset: number;
+}
+
+/** Steps (or a prefill) submitted with one read-back of their new tokens. */
+interface Flight {
+  parts: Part[];
+  staging: GPUBuffer;
+  done: Promise<void>;
+}
+
 export class Engine {
-  private running: Promise<void> = Promise.resolve();
-  private waiting = 0;
   private nextId = 1;
+  private readonly queue: Live[] = [];
+  private readonly slots: Slot[] = [];
+  private readonly flights: Flight[] = [];
+  private readonly pool: GPUBuffer[] = [];
+  private looping = false;
 
   constructor(
     readonly model: GpuModel,
     readonly tokenizer: Tokenizer,
     readonly modelId: string,
     readonly options: EngineOptions = {},
-  ) {}
+  ) {
+    const n = options.slots ?? 8;
+    if (!Number.isInteger(n) || n < 1) throw new ParameterError(`slots must be >= 1; got ${n}`);
+    this.slots.push({ model, live: null });
+  }
 
   get contextLength(): number {
     return this.model.ctx;
   }
 
-  /** Jobs waiting to start. */
+  /** Jobs waiting for a slot. */
   get queueDepth(): number {
-    return this.waiting;
+    return this.queue.filter((l) => !l.done).length;
+  }
+
+  /** Jobs holding a slot. */
+  get running(): number {
+    return this.slots.filter((s) => s.live).length;
   }
 
   /**
    * Queues a job; yields its generated ids as they are produced and returns its stats. Throws
    * QueueFullError at once when the queue is full, ParameterError for a job that cannot run.
+   * Stop ids are not yielded.
    */
   async *submit(job: Job): AsyncGenerator<number, GenerateStats> {
-    if (job.prompt.length >= this.model.ctx) {
-      throw new ParameterError(
-        `the prompt has ${job.prompt.length} tokens; the context length is ${this.model.ctx}`,
-      );
-    }
-    const max = this.options.maxQueue ?? 64;
-    if (this.waiting >= max) throw new QueueFullError(this.waiting);
-    const id = this.nextId++;
-    this.waiting++;
-    let release!: () => void;
-    const prev = this.running;
-    this.running = new Promise((r) => (release = r));
+    const live = this.admit(job);
     try {
-      await prev;
-    } finally {
-      this.waiting--;
-    }
-    try {
-      const it = generate(this.model, job);
       while (true) {
-        if (job.signal?.aborted) {
-          await it.return(undefined as never);
-          return {
-            promptTokens: job.prompt.length,
-            generatedTokens: 0,
-            ttftMs: 0,
-            decodeMs: 0,
-            finishReason: "stop",
-          };
+        if (live.out.length) {
+          yield live.out.shift()!;
+          continue;
         }
-        this.options.onStep?.([id]);
-        const r = await it.next();
-        if (r.done) return r.value;
-        yield r.value;
+        if (live.error !== null) throw live.error;
+        if (live.done) break;
+        await new Promise<void>((r) => (live.wake = r));
+        live.wake = null;
       }
     } finally {
-      release();
+      // a consumer that stops reading abandons the job: its slot is freed at the next step
+      this.finish(live, live.finishReason);
+      job.signal?.removeEventListener("abort", live.onAbort);
+    }
+    return {
+      promptTokens: job.prompt.length,
+      generatedTokens: live.generated,
+      ttftMs: live.tFirst ? live.tFirst - live.t0 : 0,
+      decodeMs: live.tFirst ? live.tEnd - live.tFirst : 0,
+      finishReason: live.finishReason,
+    };
+  }
+
+  /** Validates and queues a job (synchronously, so that errors reach the caller's first next). */
+  private admit(job: Job): Live {
+    const n = job.prompt.length, ctx = this.model.ctx, V = this.model.config.vocabSize;
+    if (n === 0) throw new ParameterError("the prompt must hold at least one token");
+    if (n >= ctx) {
+      throw new ParameterError(`the prompt has ${n} tokens; the context length is ${ctx}`);
+    }
+    if (!Number.isInteger(job.maxTokens) || job.maxTokens < 1) {
+      throw new ParameterError(`max tokens must be a positive integer; got ${job.maxTokens}`);
+    }
+    const bad = job.prompt.find((t) => !Number.isInteger(t) || t < 0 || t >= V);
+    if (bad !== undefined) {
+      throw new ParameterError(`token id ${bad} is outside the vocabulary [0, ${V})`);
+    }
+    const depth = this.queueDepth;
+    if (depth >= (this.options.maxQueue ?? 64)) throw new QueueFullError(depth);
+    const live: Live = {
+      id: this.nextId++,
+      job,
+      maxNew: Math.min(job.maxTokens, ctx - n),
+      stop: new Set(job.stopIds),
+      pos: n,
+      scheduled: 0,
+      generated: 0,
+      done: false,
+      finishReason: "length",
+      error: null,
+      out: [],
+      wake: null,
+      onAbort: () => {
+        live.out.length = 0;
+        this.finish(live, "stop");
+      },
+      t0: 0,
+      tFirst: 0,
+      tEnd: 0,
+    };
+    // an abort ends the job's stream at once; the scheduler frees its slot at the next step
+    job.signal?.addEventListener("abort", live.onAbort, { once: true });
+    if (job.signal?.aborted) this.finish(live, "stop");
+    this.queue.push(live);
+    if (!this.looping) {
+      this.looping = true;
+      void this.run();
+    }
+    return live;
+  }
+
+  private finish(live: Live, reason: GenerateStats["finishReason"], error: unknown = null) {
+    if (live.done) return;
+    live.done = true;
+    live.finishReason = reason;
+    live.error = error;
+    live.tEnd = performance.now();
+    live.wake?.();
+  }
+
+  /** Hands token `id` to its job; finishes the job on a stop id or at its last token. */
+  private deliver(live: Live, id: number) {
+    if (live.done) return;
+    const now = performance.now();
+    if (live.generated === 0 && !live.tFirst) live.tFirst = now;
+    if (live.stop.has(id)) return this.finish(live, "stop");
+    live.generated++;
+    live.out.push(id);
+    if (live.generated === live.maxNew) this.finish(live, "length");
+    else live.wake?.();
+  }
+
+  private staging(bytes: number): GPUBuffer {
+    const i = this.pool.findIndex((b) => b.size >= bytes);
+    if (i >= 0) return this.pool.splice(i, 1)[0];
+    const size = Math.max(bytes, (this.options.slots ?? 8) * (this.options.batch ?? 8) * 4);
+    return this.model.gpu.device.createBuffer({
+      size,
+      usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+    });
+  }
+
+  /** A free slot, forking the model for a new one while under the limit. */
+  private freeSlot(): Slot | null {
+    const free = this.slots.find((s) => !s.live);
+    if (free) return free;
+    if (this.slots.length >= (this.options.slots ?? 8)) return null;
+    const slot = { model: this.model.fork(), live: null };
+    this.slots.push(slot);
+    return slot;
+  }
+
+  /** Prefills a job in `slot`; its first token comes back as a flight of its own. */
+  private start(slot: Slot, live: Live) {
+    const { model } = slot;
+    slot.live = live;
+    live.t0 = performance.now();
+    model.writeTokens(0, live.job.prompt);
+    const staging = this.staging(4);
+    const n = live.job.prompt.length;
+    model.prefill(0, n, live.job.sampling, (enc) => {
+      enc.copyBufferToBuffer(model.state.tokens, n * 4, staging, 0, 4);
+    });
+    live.scheduled = 1;
+    const part = { live, slot, from: n, count: 1, offset: 0 };
+    this.flights.push({ parts: [part], staging, done: staging.mapAsync(GPUMapMode.READ) });
+  }
+
+  /**
+   * Up to `k` batched decode steps over the jobs in `batch` (a job drops out at its last token),
+   * each step a submit of its own (the step uniforms are written between them), then one copy of
+   * every job's new tokens into a staging buffer.
+   */
+  private decodeSteps(batch: Slot[], k: number) {
+    const device = this.model.gpu.device;
+    const parts: Part[] = batch.map((slot) => {
+      const live = slot.live!;
+      return { live, slot, from: live.pos + 1, count: 0, offset: 0 };
+    });
+    for (let j = 0; j < k; j++) {
+      const active = parts.filter((p) => p.live.scheduled < p.live.maxNew);
+      if (!active.length) break;
+      this.options.onStep?.(active.map((p) => p.live.id));
+      const enc = device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      for (const p of active) {
+        p.slot.model.encodeDecode(pass, p.live.pos, p.live.job.sampling);
+        p.live.pos++;
+        p.live.scheduled++;
+        p.count++;
+      }
+      pass.end();
+      device.queue.submit([enc.finish()]);
+    }
+    let offset = 0;
+    for (const p of parts) {
+      p.offset = offset;
+      offset += p.count * 4;
+    }
+    const staging = this.staging(offset);
+    const enc = device.createCommandEncoder();
+    for (const p of parts) {
+      enc.copyBufferToBuffer(p.slot.model.state.tokens, p.from * 4, staging, p.offset, p.count * 4);
+    }
+    device.queue.submit([enc.finish()]);
+    this.flights.push({ parts, staging, done: staging.mapAsync(GPUMapMode.READ) });
+  }
+
+  /**
+   * The scheduler: runs while there are jobs queued, running or in flight (`looping`, cleared in
+   * the same turn as the check that finds nothing left).
+   */
+  private async run(): Promise<void> {
+    const inflight = this.options.inflight ?? 3, batch = this.options.batch ?? 8;
+    try {
+      while (true) {
+        // leave: finished and abandoned jobs free their slots; aborted waiting jobs leave the queue
+        for (const s of this.slots) if (s.live?.done) s.live = null;
+        for (let i = this.queue.length - 1; i >= 0; i--) {
+          if (this.queue[i].done) this.queue.splice(i, 1);
+        }
+        // join: waiting jobs take free slots
+        while (this.queue.length) {
+          const slot = this.freeSlot();
+          if (!slot) break;
+          this.start(slot, this.queue.shift()!);
+        }
+        const ready = this.slots.filter((s) => s.live && s.live.scheduled < s.live.maxNew);
+        if (ready.length && this.flights.length < inflight) {
+          this.decodeSteps(ready, batch);
+          continue;
+        }
+        const f = this.flights.shift();
+        if (!f) {
+          if (this.queue.length === 0 && this.slots.every((s) => !s.live)) {
+            this.looping = false; // in the same turn as the check: a later submit restarts it
+            return;
+          }
+          // running jobs with nothing scheduled and nothing in flight cannot happen; be safe
+          throw new Error("engine: running jobs but nothing in flight");
+        }
+        await f.done;
+        const ids = new Uint32Array(f.staging.getMappedRange().slice(0));
+        f.staging.unmap();
+        this.pool.push(f.staging);
+        for (const p of f.parts) {
+          for (let i = 0; i < p.count; i++) this.deliver(p.live, ids[p.offset / 4 + i]);
+        }
+      }
+    } catch (e) {
+      // a failed step fails every job it could have touched
+      for (const s of this.slots) {
+        if (s.live) this.finish(s.live, "stop", e);
+        s.live = null;
+      }
+      for (const l of this.queue) this.finish(l, "stop", e);
+      this.queue.length = 0;
+      for (const f of this.flights) f.done.then(() => f.staging.destroy(), () => {});
+      this.flights.length = 0;
+      this.looping = false;
     }
   }
 }

@@ -121,16 +121,33 @@ export class GpuModel {
 
   /** One decode step at `pos`: embeds tokens[pos], samples tokens[pos + 1]. No wait. */
   decode(pos: number, sampling: SamplingParams, extra?: (e: GPUCommandEncoder) => void): void {
+    const enc = this.gpu.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    this.encodeDecode(pass, pos, sampling);
+    pass.end();
+    extra?.(enc);
+    this.gpu.device.queue.submit([enc.finish()]);
+  }
+
+  /**
+   * Writes the step uniform (queued before the next submit) and encodes one decode step at `pos`
+   * into `pass`: the building block of a batched step over several sequences (see `fork`).
+   */
+  encodeDecode(pass: GPUComputePassEncoder, pos: number, sampling: SamplingParams): void {
     if (pos >= this.ctx) {
       throw new ParameterError(`position ${pos} is past the context of ${this.ctx}`);
     }
     this.writeStep(pos, 1, sampling);
-    const enc = this.gpu.device.createCommandEncoder();
-    const pass = enc.beginComputePass();
     encodeDispatches(pass, this.plan.decode, 1);
-    pass.end();
-    extra?.(enc);
-    this.gpu.device.queue.submit([enc.finish()]);
+  }
+
+  /**
+   * A model sharing these weights (and pipelines) with its own run state: KV cache, activations,
+   * token buffer and step uniform. The engine runs one sequence per fork.
+   */
+  fork(): GpuModel {
+    const state = createRunState(this.gpu, this.config, this.ctx, this.state.maxT);
+    return new GpuModel(this.gpu, this.config, this.weights, state);
   }
 
   /** Copies `bytes` from `src` and waits for them (tests, evaluation: not for hot loops). */

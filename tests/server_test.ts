@@ -40,6 +40,8 @@ const shared = have ? await load() : null;
 class TrackingEngine extends Engine {
   active = 0;
   steps = 0;
+  /** The step log: the job ids of each batched decode step. */
+  log: number[][] = [];
   override async *submit(job: Job): AsyncGenerator<number, GenerateStats> {
     this.active++;
     try {
@@ -58,7 +60,10 @@ async function withServer(
   const { model, tokenizer } = opts.separateModel || opts.ctx ? await load(opts.ctx) : shared!;
   const engine: TrackingEngine = new TrackingEngine(model, tokenizer, ID, {
     ...opts.engine,
-    onStep: () => engine.steps++,
+    onStep: (ids) => {
+      engine.steps++;
+      engine.log.push(ids);
+    },
   });
   const ac = new AbortController();
   const s = startServer(engine, {
@@ -404,7 +409,7 @@ Deno.test({
 
 Deno.test({
   name:
-    "with --max-queue 1, concurrent long requests: some get 429 with Retry-After, others finish",
+    "with --max-queue 1 and 2 slots, concurrent long requests: some get 429 with Retry-After, others finish",
   ignore: !have,
   fn: () =>
     withServer(async (s) => {
@@ -429,7 +434,7 @@ Deno.test({
           assert.ok(body.trimEnd().endsWith("data: [DONE]"));
         } else assert.equal(JSON.parse(body).usage.completion_tokens, 100);
       }
-    }, { engine: { maxQueue: 1 }, separateModel: true }),
+    }, { engine: { maxQueue: 1, slots: 2 }, separateModel: true }),
 });
 
 Deno.test({
@@ -448,6 +453,41 @@ Deno.test({
       const alone: string[] = [];
       for (const p of prompts) alone.push(await run(p));
       assert.deepEqual(await Promise.all(prompts.map(run)), alone);
+    }),
+});
+
+Deno.test({
+  name: "16 concurrent streams (seeds, lengths, greedy and sampled) share decode steps, " +
+    "each as alone",
+  ignore: !have,
+  fn: () =>
+    withServer(async (s, engine) => {
+      const body = (i: number) => ({
+        prompt: ["Once upon a time", "The little dog", "Lily saw a", "Tom and Sue"][i % 4],
+        max_tokens: 8 + ((i * 13) % 40),
+        temperature: i % 2 ? 0.9 : 0,
+        seed: 100 + i,
+        stream: true,
+      });
+      const run = async (i: number) => {
+        const res = await fetch(`${s.url}/v1/completions`, {
+          method: "POST",
+          body: JSON.stringify(body(i)),
+        });
+        assert.equal(res.status, 200);
+        const events = await sse(res);
+        assert.equal(events.at(-1), "[DONE]");
+        return events.slice(0, -1).map((e) => JSON.parse(e).choices[0].text).join("");
+      };
+      const alone: string[] = [];
+      for (let i = 0; i < 16; i++) alone.push(await run(i));
+      assert.ok(engine.log.every((ids) => ids.length === 1));
+      engine.log = [];
+      const together = await Promise.all(Array.from({ length: 16 }, (_, i) => run(i)));
+      assert.deepEqual(together, alone);
+      const shared = engine.log.filter((ids) => ids.length > 1).length;
+      assert.ok(shared > 10, `${shared} of ${engine.log.length} steps shared`);
+      assert.ok(new Set(engine.log.flat()).size >= 16);
     }),
 });
 
