@@ -16,7 +16,7 @@
  *
  *   XDG_RUNTIME_DIR=/tmp deno run -A bench/kernels_q.ts [--reps 10] [--group 64] [--quick]
  */
-import { packStep } from "../kernels/common.ts";
+import { packStep, STEP_BYTES } from "../kernels/common.ts";
 import { createGpu, type Gpu } from "../kernels/gpu.ts";
 import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
 import { matmulBindings, matmulGrid, matmulPipeline } from "../kernels/matmul.ts";
@@ -141,7 +141,7 @@ for (const [N, K] of shapes) {
       });
     } else {
       const v = { format, rows: N, K, epilogue: { kind: "store", offset: 0, ld: N } } as const;
-      const step = gpu.buffer("step", 32, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+      const step = gpu.buffer("step", STEP_BYTES, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
       gpu.device.queue.writeBuffer(
         step,
         0,

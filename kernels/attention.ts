@@ -1,6 +1,7 @@
 /**
  * Causal attention over the KV cache for the step's tokens: one workgroup per (head, token).
- * Token t (at position pos + t) attends to positions 0..pos+t; keys are taken WG at a time with
+ * Token t, at position pos of its Step row (kvBase, pos), attends to KV rows kvBase .. kvBase + pos
+ * (positions 0..pos of its own sequence); keys are taken WG at a time with
  * an online softmax, so any context length fits in fixed workgroup memory. Grouped-query:
  * head h reads kv head h / (nHeads / nKvHeads).
  *
@@ -59,7 +60,9 @@ fn add(a: f32, b: f32) -> f32 { return a + b; }
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   let h = wid.x;
   let t = wid.y;
-  let len = step.pos + t + 1u;
+  let row = step.rows[t];
+  let len = row.x + 1u;
+  let kv0 = row.y;
   let kv = (h / ${GQ}u) * ${HD}u;
   for (var d = lid; d < ${HD}u; d += ${WG}u) {
     qs[d] = q[t * ${QD}u + h * ${HD}u + d] * ${1 / Math.sqrt(HD)};
@@ -74,7 +77,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var s = -3.0e38;
     if (j < len) {
       s = 0.0;
-      let kb = j * ${KVD}u + kv;
+      let kb = (kv0 + j) * ${KVD}u + kv;
       for (var d = 0u; d < ${HD}u; d++) { s += qs[d] * kcache[kb + d]; }
     }
     red[lid] = s;
@@ -94,7 +97,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let n = min(${WG}u, len - c);
     for (var d = lid; d < ${HD}u; d += ${WG}u) {
       var a = acc[d] * scale;
-      for (var jj = 0u; jj < n; jj++) { a += p[jj] * vcache[(c + jj) * ${KVD}u + kv + d]; }
+      for (var jj = 0u; jj < n; jj++) { a += p[jj] * vcache[(kv0 + c + jj) * ${KVD}u + kv + d]; }
       acc[d] = a;
     }
     workgroupBarrier();
@@ -133,7 +136,9 @@ fn qv(i: u32) -> f32 { return q[i]; }`;
   const p = (s: string) => L.push(s);
   p(`  let h0 = wid.x * ${gq}u;`);
   p(`  let t = wid.y;`);
-  p(`  let len = step.pos + t + 1u;`);
+  p(`  let row = step.rows[t];
+  let len = row.x + 1u;
+  let kv0 = row.y;`);
   p(`  let kx = (h0 / ${GQ}u) * ${H}u;`);
   for (const g of heads) {
     p(`  let qo${g} = t * ${QD}u + (h0 + ${g}u) * ${HD}u;`);
@@ -149,10 +154,10 @@ fn qv(i: u32) -> f32 { return q[i]; }`;
   }
   p(`  for (var j = lid; j < len; j += ${WG}u) {`);
   for (const i of idx) {
-    p(`    let k${i} = bitcast<vec2<f32>>(textureLoad(kcache, vec2<u32>(kx + ${i}u, j), 0).xy);`);
+    p(`    let k${i} = bitcast<vec2<f32>>(textureLoad(kcache, vec2<u32>(kx + ${i}u, kv0 + j), 0).xy);`);
   }
   for (const i of idx) {
-    p(`    let v${i} = bitcast<vec2<f32>>(textureLoad(vcache, vec2<u32>(kx + ${i}u, j), 0).xy);`);
+    p(`    let v${i} = bitcast<vec2<f32>>(textureLoad(vcache, vec2<u32>(kx + ${i}u, kv0 + j), 0).xy);`);
   }
   for (const g of heads) {
     p(`    let s${g} = ${idx.map((i) => `dot(q${g}_${i}, k${i})`).join(" + ")};`);

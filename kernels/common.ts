@@ -1,8 +1,19 @@
 /** WGSL pieces shared by several kernels: the per-step uniform and dense weight access. */
 
+/** Rows (tokens) a step may hold: the size of the Step uniform's per-row table. */
+export const MAX_ROWS = 256;
+
 /**
  * The per-step uniform every kernel may bind. Field order is the packing order of
  * `packStep` below; written with queue.writeBuffer before each submit.
+ *
+ * `rows[t]` says where the step's token t belongs (the kernels that touch positions, the token
+ * buffer or the KV cache read it; none uses `pos` directly): x = its position, y = kvBase (the
+ * first KV cache row of its sequence), z = tokenBase (the first token-buffer entry of its
+ * sequence), w = 0. Token t is tokens[z + x], its k and v go to KV row y + x and it attends to
+ * KV rows y .. y + x. One sequence from `pos` is rows[t] = (pos + t, 0, 0, 0), what `packStep`
+ * writes when no rows are given; several sequences sharing one KV cache (slot s at kvBase s·ctx)
+ * can share a step.
  */
 export const STEP_WGSL = /* wgsl */ `
 struct Step {
@@ -14,9 +25,17 @@ struct Step {
   topp: f32,         // >= 1 = off
   pad0: u32,
   pad1: u32,
+  rows: array<vec4<u32>, ${MAX_ROWS}>, // per token: pos, kvBase, tokenBase, 0
 }`;
 
-export const STEP_BYTES = 8 * 4;
+export const STEP_BYTES = 8 * 4 + MAX_ROWS * 16;
+
+/** Where one token of a step belongs (see STEP_WGSL). */
+export interface StepRow {
+  pos: number;
+  kvBase: number;
+  tokenBase: number;
+}
 
 export interface StepParams {
   pos: number;
@@ -25,6 +44,8 @@ export interface StepParams {
   topK: number;
   temperature: number;
   topP: number;
+  /** Per-token rows (default: (pos + t, 0, 0) for t < ntok, one sequence). */
+  rows?: StepRow[];
 }
 
 /** Packs a Step in WGSL field order. */
@@ -37,6 +58,18 @@ export function packStep(s: StepParams): ArrayBuffer {
   u[3] = s.topK;
   f[4] = s.temperature;
   f[5] = s.topP;
+  if (s.rows) {
+    if (s.rows.length > MAX_ROWS) {
+      throw new Error(`a step holds at most ${MAX_ROWS} rows; got ${s.rows.length}`);
+    }
+    s.rows.forEach((r, t) => {
+      u[8 + 4 * t] = r.pos;
+      u[9 + 4 * t] = r.kvBase;
+      u[10 + 4 * t] = r.tokenBase;
+    });
+  } else {
+    for (let t = 0; t < Math.min(s.ntok, MAX_ROWS); t++) u[8 + 4 * t] = s.pos + t;
+  }
   return buf;
 }
 

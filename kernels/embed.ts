@@ -1,5 +1,5 @@
 /**
- * Embedding gather: x[t] = E[tokens[pos + t]] for the step's tokens. The token ids are read on
+ * Embedding gather: x[t] = E[tokens[tokenBase + pos]] for each token t of the step (its Step row). The token ids are read on
  * the GPU (the sampler writes them there), so decode never round-trips through the host. A large
  * table is split into row chunks (each within the binding limit); each chunk's dispatch copies
  * only the tokens that fall in it. The table may be a dense texture (CPU adapters, `weights:
@@ -45,7 +45,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   let d = gid.x;
   let t = gid.y;
   if (d >= ${RT}u || t >= step.ntok) { return; }
-  let tok = tokens[step.pos + t];
+  let row = step.rows[t];
+  let tok = tokens[row.z + row.x];
   if (tok < ${v.rowStart}u || tok >= ${v.rowStart + v.rows}u) { return; }
   let r = (tok - ${v.rowStart}u) * ${RT}u;
   ${copy}
@@ -67,7 +68,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   let d = gid.x;
   let t = gid.y;
   if (d >= ${D4}u || t >= step.ntok) { return; }
-  let tok = tokens[step.pos + t];
+  let row = step.rows[t];
+  let tok = tokens[row.z + row.x];
   if (tok < ${v.rowStart}u || tok >= ${v.rowStart + v.rows}u) { return; }
   x[t * ${D4}u + d] = e_4((tok - ${v.rowStart}u) * ${D4}u + d);
 }`;

@@ -16,7 +16,8 @@ export type Epilogue =
   | { kind: "gateup"; hidden: number }
   /**
    * Rows of the concatenated [Wq; Wk; Wv] in rotate-half pairs: (+bias), RoPE on q and k,
-   * q to Q[t], k and v into the KV cache at position pos + t (see {@link KvSource}).
+   * q to Q[t], k and v into the KV cache at row kvBase + pos of token t's Step row (RoPE at pos;
+   * see {@link KvSource}).
    */
   | {
     kind: "qkv";
@@ -108,9 +109,9 @@ fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
           : `var<storage, read_write> ${name}: array<f32>;`;
       const put = (name: string, h: string) =>
         tex
-          ? `textureStore(${name}, vec2<u32>((${h}) * ${half}u + i, pos), ` +
+          ? `textureStore(${name}, vec2<u32>((${h}) * ${half}u + i, kvrow), ` +
             `vec4<u32>(bitcast<u32>(v.x), bitcast<u32>(v.y), 0u, 0u));`
-          : `let o = pos * ${kvd}u + (${h}) * ${e.headDim}u + i;
+          : `let o = kvrow * ${kvd}u + (${h}) * ${e.headDim}u + i;
     ${name}[o] = v.x;
     ${name}[o + ${half}u] = v.y;`;
       return `${STEP_WGSL}
@@ -127,7 +128,9 @@ fn unit_rows(u: u32) -> vec2<u32> {
 fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
   let head = u / ${half}u;
   let i = u % ${half}u;
-  let pos = step.pos + t;
+  let row = step.rows[t];
+  let pos = row.x;
+  let kvrow = row.y + pos;
   var v = acc;
   ${e.bias ? "let rows = unit_rows(u); v += vec2<f32>(bias[rows.x], bias[rows.y]);" : ""}
   if (head < ${e.nHeads + e.nKvHeads}u) {

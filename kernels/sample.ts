@@ -1,12 +1,13 @@
 /**
  * Sampling on the GPU, one workgroup: reads the logits of the step's last token and writes the
- * chosen id to tokens[pos + ntok], where the next step's embedding gather reads it.
+ * chosen id to tokens[tokenBase + pos + 1] (pos and tokenBase from the last token's Step row:
+ * tokens[pos + ntok] for one sequence), where the next step's embedding gather reads it.
  *
  * Mirrors `sample()` in runtime/sampling.ts: temperature 0 is argmax (lowest index on ties);
  * otherwise p_i = exp((l_i − max) / T), a threshold t = max(k-th largest p, top-p cut) found by
  * bisection over the bit patterns of positive floats (exact, 31 rounds), and the token is the
  * first, in index order, whose cumulative kept mass exceeds u · (kept mass), with
- * u = uniform(seed, pos + ntok) from the PCG hash.
+ * u = uniform(seed, position of the sampled token) from the PCG hash.
  *
  * On CPU adapters (lavapipe) the workgroup is one 8-lane SIMD group (the reductions' barriers and
  * workgroup-memory loads are what costs there) and, when vocab·4 fits a uniform binding, the
@@ -85,7 +86,9 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   }
   let m = rv[0];
   let arg = ri[0];
-  let out = step.pos + step.ntok;
+  let last = step.rows[step.ntok - 1u];
+  let next = last.x + 1u; // the sampled token's position
+  let out = last.z + next;
   if (step.temperature <= 0.0) {
     if (lid == 0u) { tokens[out] = arg; }
     return;
@@ -138,7 +141,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   if (lid == 0u) {
     var kept = 0.0;
     for (var i = 0u; i < ${WG}u; i++) { kept += rv[i]; }
-    let u = f32(pcg(pcg(step.seed) ^ out) >> 8u) / 16777216.0;
+    let u = f32(pcg(pcg(step.seed) ^ next) >> 8u) / 16777216.0;
     let r = u * kept;
     var cum = 0.0;
     var pick = arg;

@@ -17,7 +17,7 @@ import {
   type ForwardPlan,
 } from "./forward.ts";
 import { type Gpu } from "../kernels/gpu.ts";
-import { packStep, type StepParams } from "../kernels/common.ts";
+import { MAX_ROWS, packStep, type StepParams } from "../kernels/common.ts";
 
 /** Host sampling parameters plus the seed of the GPU sampler's random numbers. */
 export type SamplingParams = HostSamplingParams & { seed: number };
@@ -28,7 +28,7 @@ export interface LoadOptions {
   dtype?: WeightDType | "auto";
   /** KV cache length (default: the model's context, at most 2048). */
   ctx?: number;
-  /** Tokens per prefill step (default 128). */
+  /** Tokens per prefill step (default 128, at most MAX_ROWS). */
   maxT?: number;
   onProgress?: (bytes: number, total: number) => void;
 }
@@ -52,13 +52,17 @@ export class GpuModel {
     if (!Number.isInteger(ctx) || ctx < 2 || ctx > c.seqLen) {
       throw new ParameterError(`ctx must be an integer in [2, ${c.seqLen}]; got ${ctx}`);
     }
+    const maxT = opts.maxT ?? 128;
+    if (!Number.isInteger(maxT) || maxT < 1 || maxT > MAX_ROWS) {
+      throw new ParameterError(`maxT must be an integer in [1, ${MAX_ROWS}]; got ${maxT}`);
+    }
     let dtype = opts.dtype ?? "auto";
     if (dtype === "auto") {
       const t = ckpt.tensors.values().next().value;
       dtype = t?.dtype === "F32" ? "f32" : "f16";
     }
     const weights = await uploadWeights(gpu, ckpt, dtype, opts.onProgress);
-    const state = createRunState(gpu, c, ctx, opts.maxT ?? 128);
+    const state = createRunState(gpu, c, ctx, maxT);
     return new GpuModel(gpu, c, weights, state);
   }
 

@@ -2,7 +2,7 @@
  * A small harness for kernel tests: buffers from typed arrays, bind groups from a kernel's
  * binding-name list, dispatches of a grid, read-backs.
  */
-import { packStep, type StepParams } from "../kernels/common.ts";
+import { packStep, STEP_BYTES, type StepParams } from "../kernels/common.ts";
 import type { DenseFormat } from "../kernels/common.ts";
 import { type Bindable, bindingResource, type Gpu } from "../kernels/gpu.ts";
 import { allocDense, writeDenseRows } from "../runtime/gpu_weights.ts";
@@ -79,7 +79,7 @@ export class Harness {
     const full: StepParams = { pos: 0, ntok: 1, seed: 0, topK: 0, temperature: 0, topP: 1, ...s };
     const buf = this.device.createBuffer({
       label: "step",
-      size: 32,
+      size: STEP_BYTES,
       usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
     });
     this.device.queue.writeBuffer(buf, 0, packStep(full));

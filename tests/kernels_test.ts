@@ -8,7 +8,7 @@
  * texture, and the one-SIMD-group sampler with uniform or storage logits.
  */
 import assert from "node:assert/strict";
-import type { DenseFormat, WeightSource } from "../kernels/common.ts";
+import type { DenseFormat, StepRow, WeightSource } from "../kernels/common.ts";
 import type { Epilogue, KvSource } from "../kernels/epilogue.ts";
 import type { Bindable } from "../kernels/gpu.ts";
 import {
@@ -135,6 +135,23 @@ interface LinearCase {
   kv?: KvSource;
   /** Rows of the store/add cases (default STORE_ROWS). */
   rows?: number;
+  /**
+   * Several sequences in one step (Step rows): token t belongs to slot t % slots at position
+   * pos + ntok − 1 − t, its KV row slot·(pos + ntok + 2) + its position (default: one sequence).
+   */
+  slots?: number;
+}
+
+/** Step rows of a case: token t's position, KV base and token base (see LinearCase.slots). */
+function caseRows(c: LinearCase): StepRow[] {
+  const slotCtx = c.pos + c.ntok + 2;
+  return Array.from(
+    { length: c.ntok },
+    (_, t) =>
+      c.slots
+        ? { pos: c.pos + c.ntok - 1 - t, kvBase: (t % c.slots) * slotCtx, tokenBase: 0 }
+        : { pos: c.pos + t, kvBase: 0, tokenBase: 0 },
+  );
 }
 
 function describe(c: LinearCase): string {
@@ -248,14 +265,15 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
         bias: epi.bias,
         kv: c.kv ?? "buffer",
       };
-      const ctx = c.pos + T + 2;
-      const rope = ropeTable(ctx, hd);
+      const ctx = (c.pos + T + 2) * (c.slots ?? 1);
+      const rope = ropeTable(c.pos + T + 2, hd);
+      const stepRows = caseRows(c);
       extra.rope = rope;
       const bias = randArray(r, rows);
       if (epi.bias) extra.bias = bias;
       const q = out("q", TA * qd), kc = out("kcache", ctx * kvd), vc = out("vcache", ctx * kvd);
       for (let t = 0; t < T; t++) {
-        const p = c.pos + t;
+        const p = stepRows[t].pos, kr = stepRows[t].kvBase + p;
         for (let head = 0; head < NH + 2 * NKV; head++) {
           for (let i = 0; i < half; i++) {
             const ra = head * hd + i, rb = ra + half;
@@ -271,8 +289,8 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
               [a, b] = [a * cs - b * sn, b * cs + a * sn];
             }
             if (head < NH) [dst, o] = [q, t * qd + head * hd + i];
-            else if (head < NH + NKV) [dst, o] = [kc, p * kvd + (head - NH) * hd + i];
-            else [dst, o] = [vc, p * kvd + (head - NH - NKV) * hd + i];
+            else if (head < NH + NKV) [dst, o] = [kc, kr * kvd + (head - NH) * hd + i];
+            else [dst, o] = [vc, kr * kvd + (head - NH - NKV) * hd + i];
             dst.want[o] = a;
             dst.want[o + half] = b;
             dst.scale[o] = dst.scale[o + half] = s;
@@ -286,7 +304,7 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
   const tex = c.weights === "texture";
   const kvTex = c.kv === "texture";
   const bufs: Record<string, Bindable> = {
-    step: h.step({ pos: c.pos, ntok: T }),
+    step: h.step({ pos: c.pos, ntok: T, rows: c.slots ? caseRows(c) : undefined }),
     x: c.xUniform ? h.uniform(x, K * 4, "x") : h.buffer(x),
     g: c.xUniform ? h.uniform(g, K * 4, "g") : h.buffer(g),
   };
@@ -493,6 +511,34 @@ for (const format of FORMATS) {
     }
   });
 }
+
+Deno.test("matmul qkv: several sequences in one step (Step rows), KV in buffers and textures", async () => {
+  const h = new Harness(gpu);
+  let seed = 1400;
+  for (const weights of ["buffer", "texture"] as const) {
+    for (const kv of ["buffer", "texture"] as const) {
+      for (const [ntok, slots] of [[1, 1], [3, 3], [8, 3], [13, 2]]) {
+        const shape = weights === "texture" ? { upt: 1, upw: 8, tt: 8 } : {};
+        await runLinear(h, {
+          op: "matmul",
+          format: "f32",
+          epi: { kind: "qkv", headDim: 8, bias: seed % 2 === 0 },
+          K: 148,
+          ntok,
+          pos: 4,
+          norm: null,
+          tpr: weights === "texture" ? 1 : 0,
+          upw: 0,
+          weights,
+          kv,
+          slots,
+          ...shape,
+          seed: seed++,
+        });
+      }
+    }
+  }
+});
 
 Deno.test("matvec: fused-norm variants that differ only in eps are distinct pipelines", async () => {
   const h = new Harness(gpu);
@@ -741,6 +787,96 @@ Deno.test("attention, KV cache in textures: causal GQA, per-thread softmax merge
       }
     }
   }
+});
+
+Deno.test("attention: several sequences in one step (Step rows), KV in buffers and textures", async () => {
+  const h = new Harness(gpu);
+  const hs = { nHeads: 8, nKvHeads: 4, headDim: 8 };
+  const slotCtx = 70, slots = 3;
+  // (position, slot) of each token: different slots, positions, and out of order
+  const toks = [[7, 2], [0, 0], [65, 1], [12, 2], [40, 0], [1, 1]];
+  const rows = toks.map(([pos, s]) => ({ pos, kvBase: s * slotCtx, tokenBase: 0 }));
+  const ntok = rows.length;
+  const variants: AttentionVariant[] = [
+    { ...hs, wg: 32 },
+    { ...hs, wg: 8, kv: "texture", gq: 2 },
+    { ...hs, wg: 8, kv: "texture", gq: 1 },
+  ];
+  let seed = 680;
+  for (const v of variants) {
+    const r = rng(seed++);
+    const qd = v.nHeads * v.headDim, kvd = v.nKvHeads * v.headDim;
+    const q = randArray(r, (ntok + 1) * qd, 2.5);
+    const kc = randArray(r, slots * slotCtx * kvd), vc = randArray(r, slots * slotCtx * kvd);
+    const o0 = randArray(r, (ntok + 1) * qd, 10);
+    const tex = v.kv === "texture";
+    const bufs = {
+      step: h.step({ pos: 0, ntok, rows }),
+      q: h.buffer(q),
+      kcache: tex ? h.kvTexture(kc, kvd, v.headDim) : h.buffer(kc),
+      vcache: tex ? h.kvTexture(vc, kvd, v.headDim) : h.buffer(vc),
+      out: h.buffer(o0),
+    };
+    h.run({
+      pipeline: attentionPipeline(gpu, v),
+      names: ["step", "q", "kcache", "vcache", "out"],
+      bufs,
+      grid: attentionGrid(v, ntok),
+    });
+    const want = Float64Array.from(o0), scale = new Float64Array(o0.length);
+    rows.forEach((row, t) => {
+      const sl = (a: Float32Array) => a.subarray(row.kvBase * kvd, (row.kvBase + slotCtx) * kvd);
+      const ref = attentionRef(v, q.subarray(t * qd, (t + 1) * qd), sl(kc), sl(vc), row.pos, 1);
+      want.set(ref, t * qd);
+      scale.fill(1, t * qd, (t + 1) * qd);
+    });
+    const got = await h.readF32(bufs.out, o0.length);
+    const what = `attention rows ${tex ? `texture gq ${v.gq}` : "buffer"}`;
+    check(tex ? "attention texture" : "attention", what, got, want, scale, 1e-5);
+    h.release();
+  }
+});
+
+Deno.test("embed and sample: token base and position from the Step rows", async () => {
+  const h = new Harness(gpu);
+  const vocab = 40, dim = 12, base = 30;
+  const table = randArray(rng(690), vocab * dim);
+  // token t at position pos of the sequence whose tokens start at tokenBase
+  const rows = [{ pos: 3, kvBase: 0, tokenBase: base }, { pos: 0, kvBase: 0, tokenBase: 0 }];
+  const tokens = new Uint32Array(2 * base).fill(1);
+  tokens[base + 3] = 17;
+  tokens[0] = 5;
+  const x0 = new Float32Array(3 * dim).fill(-7);
+  const step = h.step({ pos: 0, ntok: 2, rows });
+  const v: EmbedVariant = { format: "f32", dim, rowStart: 0, rows: vocab };
+  const bufs = { step, tokens: h.buffer(tokens), x: h.buffer(x0), e: h.weights(table, "f32") };
+  h.run({
+    pipeline: embedPipeline(gpu, v),
+    names: ["step", "tokens", "e", "x"],
+    bufs,
+    grid: embedGrid(v, 2),
+  });
+  const got = await h.readF32(bufs.x, 3 * dim);
+  assert.deepEqual([...got.subarray(0, dim)], [...table.subarray(17 * dim, 18 * dim)]);
+  assert.deepEqual([...got.subarray(dim, 2 * dim)], [...table.subarray(5 * dim, 6 * dim)]);
+  assert.deepEqual([...got.subarray(2 * dim)], [...x0.subarray(2 * dim)]);
+  // the sampler writes after the last row's position in its own sequence: tokens[0 + 0 + 1]
+  const logits = new Float32Array(vocab).fill(0);
+  logits[23] = 5;
+  for (const opts of [{}, { wg: 8 }] as SampleOptions[]) {
+    const out = h.buffer(new Uint32Array(2 * base).fill(99));
+    const last = h.step({ pos: 0, ntok: 2, rows: [rows[1], rows[0]] });
+    h.run({
+      pipeline: samplePipeline(gpu, vocab, opts),
+      names: ["step", "logits", "tokens"],
+      bufs: { step: last, logits: h.buffer(logits), tokens: out },
+      grid: [1],
+    });
+    const t = await h.readU32(out, 2 * base);
+    assert.equal(t[base + 4], 23);
+    assert.equal(t.filter((x) => x !== 99).length, 1);
+  }
+  h.release();
 });
 
 // ---------------------------------------------------------------------------------------------
