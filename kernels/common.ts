@@ -26,15 +26,28 @@ struct Step {
   pad0: u32,
   pad1: u32,
   rows: array<vec4<u32>, ${MAX_ROWS}>, // per token: pos, kvBase, tokenBase, 0
+  samp: array<vec4<u32>, ${MAX_ROWS}>, // per token: seed, temperature bits, topk, topp bits
 }`;
 
-export const STEP_BYTES = 8 * 4 + MAX_ROWS * 16;
+export const STEP_BYTES = 8 * 4 + MAX_ROWS * 32;
 
 /** Where one token of a step belongs (see STEP_WGSL). */
 export interface StepRow {
   pos: number;
   kvBase: number;
   tokenBase: number;
+  /**
+   * The row's own sampling parameters (the per-row sampler's `samp[t]`; default: the step's).
+   */
+  sampling?: RowSampling;
+}
+
+/** Sampling parameters of one row (see `samp` in STEP_WGSL). */
+export interface RowSampling {
+  seed: number;
+  topK: number;
+  temperature: number;
+  topP: number;
 }
 
 export interface StepParams {
@@ -69,6 +82,15 @@ export function packStep(s: StepParams): ArrayBuffer {
     });
   } else {
     for (let t = 0; t < Math.min(s.ntok, MAX_ROWS); t++) u[8 + 4 * t] = s.pos + t;
+  }
+  // per-row sampling parameters: the row's own, else the step's
+  const S = 8 + 4 * MAX_ROWS, n = Math.min(s.rows?.length ?? s.ntok, MAX_ROWS);
+  for (let t = 0; t < n; t++) {
+    const p = s.rows?.[t]?.sampling ?? s;
+    u[S + 4 * t] = p.seed >>> 0;
+    f[S + 4 * t + 1] = p.temperature;
+    u[S + 4 * t + 2] = p.topK;
+    f[S + 4 * t + 3] = p.topP;
   }
   return buf;
 }

@@ -21,10 +21,19 @@ export interface SampleOptions {
   wg?: number;
   /** Bind the logits as a uniform buffer of ⌈vocab/4⌉ vec4 (default false). */
   logitsUniform?: boolean;
+  /**
+   * One workgroup per row of the step (grid [ntok]) over (ntok, vocab) storage logits: row t
+   * samples with its own parameters (Step `samp[t]`) and writes tokens[tokenBase + pos + 1] of
+   * its Step row (default false: one workgroup, the last row, the step's parameters).
+   */
+  perRow?: boolean;
 }
 
 /** Options for an adapter: one SIMD group and uniform logits on CPU adapters. */
-export function sampleOptions(gpu: Gpu, vocab: number): Required<SampleOptions> {
+export function sampleOptions(
+  gpu: Gpu,
+  vocab: number,
+): Required<Omit<SampleOptions, "perRow">> {
   if (!gpu.isCpu) return { wg: 256, logitsUniform: false };
   const limit = Math.min(65536, gpu.device.limits.maxUniformBufferBindingSize);
   const fits = Math.ceil(vocab / 4) * 16 <= limit;
@@ -34,11 +43,14 @@ export function sampleOptions(gpu: Gpu, vocab: number): Required<SampleOptions> 
 export function sampleWgsl(vocab: number, opts: SampleOptions = {}): string {
   const WG = opts.wg ?? 256;
   const chunk = Math.ceil(vocab / WG);
+  const perRow = opts.perRow ?? false;
+  if (perRow && opts.logitsUniform) throw new Error("the per-row sampler reads storage logits");
   const logitsDecl = opts.logitsUniform
     ? `@group(0) @binding(1) var<uniform> logits: array<vec4<f32>, ${Math.ceil(vocab / 4)}>;
 fn lg(i: u32) -> f32 { return logits[i / 4u][i % 4u]; }`
     : `@group(0) @binding(1) var<storage, read> logits: array<f32>;
-fn lg(i: u32) -> f32 { return logits[i]; }`;
+var<private> lbase: u32;
+fn lg(i: u32) -> f32 { return logits[lbase + i]; }`;
   return `${STEP_WGSL}
 @group(0) @binding(0) var<uniform> step: Step;
 ${logitsDecl}
@@ -66,7 +78,22 @@ fn sum_all(lid: u32, v: f32) -> f32 {
 fn prob(i: u32, m: f32, invt: f32) -> f32 { return exp((lg(i) - m) * invt); }
 
 @compute @workgroup_size(${WG})
-fn main(@builtin(local_invocation_index) lid: u32) {
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+${
+    perRow
+      ? `  let r = wid.x;
+  lbase = r * ${vocab}u;
+  let sp = step.samp[r];
+  let seed = sp.x;
+  let temperature = bitcast<f32>(sp.y);
+  let topk = sp.z;
+  let topp = bitcast<f32>(sp.w);`
+      : `  let r = step.ntok - 1u;
+  let seed = step.seed;
+  let temperature = step.temperature;
+  let topk = step.topk;
+  let topp = step.topp;`
+  }
   // argmax, lowest index on ties
   var best = -3.4e38;
   var bi = 0u;
@@ -86,19 +113,19 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   }
   let m = rv[0];
   let arg = ri[0];
-  let last = step.rows[step.ntok - 1u];
+  let last = step.rows[r];
   let next = last.x + 1u; // the sampled token's position
   let out = last.z + next;
-  if (step.temperature <= 0.0) {
+  if (temperature <= 0.0) {
     if (lid == 0u) { tokens[out] = arg; }
     return;
   }
-  let invt = 1.0 / step.temperature;
+  let invt = 1.0 / temperature;
   var z = 0.0;
   for (var i = lid; i < ${vocab}u; i += ${WG}u) { z += prob(i, m, invt); }
   z = sum_all(lid, z);
   var thr = 0.0;
-  if (step.topk > 0u && step.topk < ${vocab}u) {
+  if (topk > 0u && topk < ${vocab}u) {
     // largest t with count(p >= t) >= k
     var lo = 0u;
     var hi = bitcast<u32>(1.0);
@@ -107,16 +134,16 @@ fn main(@builtin(local_invocation_index) lid: u32) {
       let tm = bitcast<f32>(mid);
       var c = 0.0;
       for (var i = lid; i < ${vocab}u; i += ${WG}u) { c += select(0.0, 1.0, prob(i, m, invt) >= tm); }
-      if (sum_all(lid, c) >= f32(step.topk)) { lo = mid; } else { hi = mid - 1u; }
+      if (sum_all(lid, c) >= f32(topk)) { lo = mid; } else { hi = mid - 1u; }
       if (lo >= hi) { break; }
     }
     thr = bitcast<f32>(lo);
   }
-  if (step.topp < 1.0) {
+  if (topp < 1.0) {
     // largest t with mass(p >= t) >= topp · z
     var lo = 0u;
     var hi = bitcast<u32>(1.0);
-    let need = step.topp * z;
+    let need = topp * z;
     for (var it = 0u; it < 31u; it++) {
       let mid = lo + (hi - lo + 1u) / 2u;
       let tm = bitcast<f32>(mid);
@@ -141,7 +168,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
   if (lid == 0u) {
     var kept = 0.0;
     for (var i = 0u; i < ${WG}u; i++) { kept += rv[i]; }
-    let u = f32(pcg(pcg(step.seed) ^ next) >> 8u) / 16777216.0;
+    let u = f32(pcg(pcg(seed) ^ next) >> 8u) / 16777216.0;
     let r = u * kept;
     var cum = 0.0;
     var pick = arg;
@@ -169,7 +196,9 @@ export function samplePipeline(
   vocab: number,
   opts: SampleOptions = {},
 ): GPUComputePipeline {
-  const key = `sample_${vocab}_w${opts.wg ?? 256}${opts.logitsUniform ? "U" : ""}`;
+  const key = `sample_${vocab}_w${opts.wg ?? 256}${opts.logitsUniform ? "U" : ""}${
+    opts.perRow ? "R" : ""
+  }`;
   return gpu.pipeline(key, () => sampleWgsl(vocab, opts));
 }
-/** Bindings: step, logits, tokens. Grid: one workgroup. */
+/** Bindings: step, logits, tokens. Grid: one workgroup, or [ntok] per row. */

@@ -1,18 +1,20 @@
 /**
  * The serving engine: accepts generation jobs and runs them on one GPU model with continuous
- * batching. Up to `slots` jobs run at once, each in a slot of its own (a fork of the model: its
- * own KV cache, token buffer and step uniform, the weights shared). Between decode steps the
- * scheduler admits waiting jobs into free slots (a prefill, which samples the job's first token),
- * then submits `batch` batched steps (each a single submit with a decode of every running job)
- * and one copy of all their new tokens into a mappable buffer. Up to `inflight` such read-backs
+ * batching. Up to `slots` jobs run at once, each in a slot of one model with that many slots
+ * (`GpuModel.withSlots`: a KV cache region and token buffer per slot, the weights shared).
+ * Between decode steps the scheduler admits waiting jobs into free slots (a prefill, which
+ * samples the job's first token), then submits `batch` batched steps (each a single submit: one
+ * pass over the weights for every running job, `decodeBatch`, or the one-token decode when one
+ * job runs) and one copy of all their new tokens into a mappable buffer. Up to `inflight` such read-backs
  * run ahead of the host; each job's tokens are handed to its consumer as they arrive. A job leaves
  * its slot when it is done (stop id, max tokens, context end), when its consumer stops reading
  * or when its AbortSignal fires; steps already in flight for it are discarded. The GPU queue runs
  * in submission order, so a freed slot is reused at once.
  *
  * The sampled token never leaves the GPU between one job's steps (as in generate.ts), and each
- * slot runs exactly the kernels `generate` runs, so a job gives the same tokens whatever runs
- * beside it (greedy and sampled: the sampler's random numbers depend on seed and position only).
+ * row of a batched step depends only on its own sequence, so a job gives the same tokens whatever
+ * runs beside it (greedy and sampled: the sampler's random numbers depend on seed and position
+ * only).
  */
 import type { GpuModel, SamplingParams } from "./model.ts";
 import type { Tokenizer } from "./tokenizer.ts";
@@ -74,7 +76,7 @@ interface Live {
 }
 
 interface Slot {
-  model: GpuModel;
+  index: number;
   live: Live | null;
 }
 
@@ -101,6 +103,8 @@ export class Engine {
   private readonly flights: Flight[] = [];
   private readonly pool: GPUBuffer[] = [];
   private looping = false;
+  /** The model the jobs run in: `model`, or a copy of it with `slots` slots. */
+  private readonly batched: GpuModel;
 
   constructor(
     readonly model: GpuModel,
@@ -110,7 +114,8 @@ export class Engine {
   ) {
     const n = options.slots ?? 8;
     if (!Number.isInteger(n) || n < 1) throw new ParameterError(`slots must be >= 1; got ${n}`);
-    this.slots.push({ model, live: null });
+    this.batched = model.slots >= n ? model : model.withSlots(n);
+    for (let index = 0; index < n; index++) this.slots.push({ index, live: null });
   }
 
   get contextLength(): number {
@@ -238,27 +243,27 @@ export class Engine {
     });
   }
 
-  /** A free slot, forking the model for a new one while under the limit. */
+  /** A free slot. */
   private freeSlot(): Slot | null {
-    const free = this.slots.find((s) => !s.live);
-    if (free) return free;
-    if (this.slots.length >= (this.options.slots ?? 8)) return null;
-    const slot = { model: this.model.fork(), live: null };
-    this.slots.push(slot);
-    return slot;
+    return this.slots.find((s) => !s.live) ?? null;
+  }
+
+  /** Where token `pos` of `slot` is in the token buffer, in bytes. */
+  private tokenOffset(slot: Slot, pos: number): number {
+    return (slot.index * (this.batched.ctx + 1) + pos) * 4;
   }
 
   /** Prefills a job in `slot`; its first token comes back as a flight of its own. */
   private start(slot: Slot, live: Live) {
-    const { model } = slot;
+    const model = this.batched;
     slot.live = live;
     live.t0 = performance.now();
-    model.writeTokens(0, live.job.prompt);
+    model.writeTokens(0, live.job.prompt, slot.index);
     const staging = this.staging(4);
     const n = live.job.prompt.length;
     model.prefill(0, n, live.job.sampling, (enc) => {
-      enc.copyBufferToBuffer(model.state.tokens, n * 4, staging, 0, 4);
-    });
+      enc.copyBufferToBuffer(model.state.tokens, this.tokenOffset(slot, n), staging, 0, 4);
+    }, slot.index);
     live.scheduled = 1;
     const part = { live, slot, from: n, count: 1, offset: 0 };
     this.flights.push({ parts: [part], staging, done: staging.mapAsync(GPUMapMode.READ) });
@@ -266,11 +271,11 @@ export class Engine {
 
   /**
    * Up to `k` batched decode steps over the jobs in `batch` (a job drops out at its last token),
-   * each step a submit of its own (the step uniforms are written between them), then one copy of
+   * each step a submit of its own (the step uniform is written between them), then one copy of
    * every job's new tokens into a staging buffer.
    */
   private decodeSteps(batch: Slot[], k: number) {
-    const device = this.model.gpu.device;
+    const model = this.batched, device = model.gpu.device, maxT = model.state.maxT;
     const parts: Part[] = batch.map((slot) => {
       const live = slot.live!;
       return { live, slot, from: live.pos + 1, count: 0, offset: 0 };
@@ -279,16 +284,25 @@ export class Engine {
       const active = parts.filter((p) => p.live.scheduled < p.live.maxNew);
       if (!active.length) break;
       this.options.onStep?.(active.map((p) => p.live.id));
-      const enc = device.createCommandEncoder();
-      const pass = enc.beginComputePass();
+      if (active.length === 1) {
+        const p = active[0];
+        model.decode(p.live.pos, p.live.job.sampling, undefined, p.slot.index);
+      } else {
+        for (let i = 0; i < active.length; i += maxT) {
+          model.decodeBatch(
+            active.slice(i, i + maxT).map((p) => ({
+              slot: p.slot.index,
+              pos: p.live.pos,
+              sampling: p.live.job.sampling,
+            })),
+          );
+        }
+      }
       for (const p of active) {
-        p.slot.model.encodeDecode(pass, p.live.pos, p.live.job.sampling);
         p.live.pos++;
         p.live.scheduled++;
         p.count++;
       }
-      pass.end();
-      device.queue.submit([enc.finish()]);
     }
     let offset = 0;
     for (const p of parts) {
@@ -298,7 +312,8 @@ export class Engine {
     const staging = this.staging(offset);
     const enc = device.createCommandEncoder();
     for (const p of parts) {
-      enc.copyBufferToBuffer(p.slot.model.state.tokens, p.from * 4, staging, p.offset, p.count * 4);
+      const from = this.tokenOffset(p.slot, p.from);
+      enc.copyBufferToBuffer(model.state.tokens, from, staging, p.offset, p.count * 4);
     }
     device.queue.submit([enc.finish()]);
     this.flights.push({ parts, staging, done: staging.mapAsync(GPUMapMode.READ) });

@@ -17,7 +17,8 @@ import {
   type ForwardPlan,
 } from "./forward.ts";
 import { type Gpu } from "../kernels/gpu.ts";
-import { MAX_ROWS, packStep, type StepParams } from "../kernels/common.ts";
+import { MAX_ROWS, packStep, type StepParams, type StepRow } from "../kernels/common.ts";
+import { sampleOptions, samplePipeline } from "../kernels/sample.ts";
 
 /** Host sampling parameters plus the seed of the GPU sampler's random numbers. */
 export type SamplingParams = HostSamplingParams & { seed: number };
@@ -30,12 +31,24 @@ export interface LoadOptions {
   ctx?: number;
   /** Tokens per prefill step (default 128, at most MAX_ROWS). */
   maxT?: number;
+  /**
+   * Sequences held at once (default 1): each slot has a KV cache of `ctx` rows and a token
+   * buffer of its own; `decodeBatch` steps several of them in one pass over the weights.
+   */
+  slots?: number;
   onProgress?: (bytes: number, total: number) => void;
+}
+
+/** One sequence of a batched decode step: embeds its tokens[pos], samples tokens[pos + 1]. */
+export interface BatchRow {
+  slot: number;
+  pos: number;
+  sampling: SamplingParams;
 }
 
 export class GpuModel {
   readonly plan: ForwardPlan;
-  private allLogits: { buffer: GPUBuffer; plan: Dispatch[] } | null = null;
+  private allLogits: { buffer: GPUBuffer; plan: Dispatch[]; sampleRows: Dispatch } | null = null;
 
   private constructor(
     readonly gpu: Gpu,
@@ -61,8 +74,12 @@ export class GpuModel {
       const t = ckpt.tensors.values().next().value;
       dtype = t?.dtype === "F32" ? "f32" : "f16";
     }
+    const slots = opts.slots ?? 1;
+    if (!Number.isInteger(slots) || slots < 1) {
+      throw new ParameterError(`slots must be a positive integer; got ${slots}`);
+    }
     const weights = await uploadWeights(gpu, ckpt, dtype, opts.onProgress);
-    const state = createRunState(gpu, c, ctx, maxT);
+    const state = createRunState(gpu, c, ctx, maxT, slots);
     return new GpuModel(gpu, c, weights, state);
   }
 
@@ -70,19 +87,42 @@ export class GpuModel {
     return this.state.ctx;
   }
 
-  /** Writes token ids into the GPU token buffer from position `pos`. */
-  writeTokens(pos: number, ids: number[]): void {
+  get slots(): number {
+    return this.state.slots;
+  }
+
+  /** The first token-buffer entry of `slot`. */
+  private tokenBase(slot: number): number {
+    if (!Number.isInteger(slot) || slot < 0 || slot >= this.slots) {
+      throw new ParameterError(`slot must be an integer in [0, ${this.slots}); got ${slot}`);
+    }
+    return slot * (this.ctx + 1);
+  }
+
+  /** Writes token ids into the GPU token buffer of `slot` from position `pos`. */
+  writeTokens(pos: number, ids: number[], slot = 0): void {
     const bad = ids.find((t) => !Number.isInteger(t) || t < 0 || t >= this.config.vocabSize);
     if (bad !== undefined) {
       throw new ParameterError(
         `token id ${bad} is outside the vocabulary [0, ${this.config.vocabSize})`,
       );
     }
-    this.gpu.device.queue.writeBuffer(this.state.tokens, pos * 4, new Uint32Array(ids));
+    const at = (this.tokenBase(slot) + pos) * 4;
+    this.gpu.device.queue.writeBuffer(this.state.tokens, at, new Uint32Array(ids));
   }
 
-  private writeStep(pos: number, ntok: number, s: SamplingParams): void {
-    const step: StepParams = { pos, ntok, ...s };
+  private writeStep(
+    pos: number,
+    ntok: number,
+    s: SamplingParams,
+    slot = 0,
+    rows?: StepRow[],
+  ): void {
+    if (!rows && slot !== 0) {
+      const kvBase = slot * this.ctx, tokenBase = this.tokenBase(slot);
+      rows = Array.from({ length: ntok }, (_, t) => ({ pos: pos + t, kvBase, tokenBase }));
+    }
+    const step: StepParams = { pos, ntok, ...s, rows };
     this.gpu.device.queue.writeBuffer(this.state.step, 0, packStep(step));
   }
 
@@ -90,12 +130,14 @@ export class GpuModel {
    * Runs the tokens already written at [pos, pos + n) through the model in steps of maxT; when
    * `sampling` is given, samples the next token into tokens[pos + n]. Returns the command
    * buffers' submission (no wait). `extra` is encoded after the last step (e.g. a read-back copy).
+   * `slot` picks the sequence (KV cache and token buffer) it runs in.
    */
   prefill(
     pos: number,
     n: number,
     sampling: SamplingParams | null,
     extra?: (e: GPUCommandEncoder) => void,
+    slot = 0,
   ) {
     if (pos + n > this.ctx) {
       throw new ParameterError(
@@ -106,7 +148,7 @@ export class GpuModel {
     for (let p = pos; p < pos + n; p += this.state.maxT) {
       const t = Math.min(this.state.maxT, pos + n - p);
       const last = p + t === pos + n;
-      this.writeStep(p, t, sampling ?? GREEDY);
+      this.writeStep(p, t, sampling ?? GREEDY, slot);
       const enc = device.createCommandEncoder();
       let pass = enc.beginComputePass();
       encodeDispatches(pass, this.plan.prefill, t);
@@ -124,10 +166,15 @@ export class GpuModel {
   }
 
   /** One decode step at `pos`: embeds tokens[pos], samples tokens[pos + 1]. No wait. */
-  decode(pos: number, sampling: SamplingParams, extra?: (e: GPUCommandEncoder) => void): void {
+  decode(
+    pos: number,
+    sampling: SamplingParams,
+    extra?: (e: GPUCommandEncoder) => void,
+    slot = 0,
+  ): void {
     const enc = this.gpu.device.createCommandEncoder();
     const pass = enc.beginComputePass();
-    this.encodeDecode(pass, pos, sampling);
+    this.encodeDecode(pass, pos, sampling, slot);
     pass.end();
     extra?.(enc);
     this.gpu.device.queue.submit([enc.finish()]);
@@ -137,12 +184,73 @@ export class GpuModel {
    * Writes the step uniform (queued before the next submit) and encodes one decode step at `pos`
    * into `pass`: the building block of a batched step over several sequences (see `fork`).
    */
-  encodeDecode(pass: GPUComputePassEncoder, pos: number, sampling: SamplingParams): void {
+  encodeDecode(
+    pass: GPUComputePassEncoder,
+    pos: number,
+    sampling: SamplingParams,
+    slot = 0,
+  ): void {
     if (pos >= this.ctx) {
       throw new ParameterError(`position ${pos} is past the context of ${this.ctx}`);
     }
-    this.writeStep(pos, 1, sampling);
+    this.writeStep(pos, 1, sampling, slot);
     encodeDispatches(pass, this.plan.decode, 1);
+  }
+
+  /**
+   * One decode step of several sequences in one pass over the weights (one submit, no wait):
+   * row t embeds tokens[rows[t].pos] of its slot and samples the slot's tokens[pos + 1] with its
+   * own sampling parameters (the prefill kernels for rows.length tokens, the logits of every row,
+   * then the per-row sampler). `extra` is encoded after it (e.g. a read-back copy).
+   */
+  decodeBatch(rows: BatchRow[], extra?: (e: GPUCommandEncoder) => void): void {
+    const B = rows.length;
+    if (B < 1 || B > this.state.maxT) {
+      throw new ParameterError(`a batch holds 1 to ${this.state.maxT} rows; got ${B}`);
+    }
+    const seen = new Set<number>();
+    const stepRows: StepRow[] = rows.map((r) => {
+      const tokenBase = this.tokenBase(r.slot);
+      if (seen.has(r.slot)) throw new ParameterError(`slot ${r.slot} is twice in the batch`);
+      seen.add(r.slot);
+      if (!Number.isInteger(r.pos) || r.pos < 0 || r.pos >= this.ctx) {
+        throw new ParameterError(`position ${r.pos} is past the context of ${this.ctx}`);
+      }
+      return { pos: r.pos, kvBase: r.slot * this.ctx, tokenBase, sampling: r.sampling };
+    });
+    const head = this.batchHead();
+    this.writeStep(rows[0].pos, B, rows[B - 1].sampling, 0, stepRows);
+    const enc = this.gpu.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    encodeDispatches(pass, this.plan.prefill, B);
+    encodeDispatches(pass, head.plan, B);
+    encodeDispatches(pass, [head.sampleRows], B);
+    pass.end();
+    extra?.(enc);
+    this.gpu.device.queue.submit([enc.finish()]);
+  }
+
+  /** The all-row logits buffer and plan, and the per-row sampler over it (built on first use). */
+  private batchHead() {
+    if (!this.allLogits) {
+      const V = this.config.vocabSize;
+      const buffer = this.gpu.buffer(
+        "logits_all",
+        this.state.maxT * V * 4,
+        GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC,
+      );
+      const plan = buildAllLogits(this.gpu, this.config, this.weights, this.state, buffer);
+      const opts = { wg: sampleOptions(this.gpu, V).wg, perRow: true };
+      const pipeline = samplePipeline(this.gpu, V, opts);
+      const bindGroup = this.gpu.bindGroup(
+        pipeline,
+        [this.state.step, buffer, this.state.tokens],
+        "sample_rows",
+      );
+      const sampleRows: Dispatch = { pipeline, bindGroup, grid: (n: number) => [n] };
+      this.allLogits = { buffer, plan, sampleRows };
+    }
+    return this.allLogits;
   }
 
   /**
@@ -150,7 +258,19 @@ export class GpuModel {
    * token buffer and step uniform. The engine runs one sequence per fork.
    */
   fork(): GpuModel {
-    const state = createRunState(this.gpu, this.config, this.ctx, this.state.maxT);
+    const state = createRunState(this.gpu, this.config, this.ctx, this.state.maxT, this.slots);
+    return new GpuModel(this.gpu, this.config, this.weights, state);
+  }
+
+  /**
+   * A model sharing these weights (and pipelines) with a run state of its own holding `slots`
+   * sequences (the engine's batched decode).
+   */
+  withSlots(slots: number): GpuModel {
+    if (!Number.isInteger(slots) || slots < 1) {
+      throw new ParameterError(`slots must be a positive integer; got ${slots}`);
+    }
+    const state = createRunState(this.gpu, this.config, this.ctx, this.state.maxT, slots);
     return new GpuModel(this.gpu, this.config, this.weights, state);
   }
 
@@ -175,9 +295,10 @@ export class GpuModel {
     return new Float32Array(await this.read(this.state.logits, 0, this.config.vocabSize * 4));
   }
 
-  /** Token ids [from, to) of the token buffer. */
-  async readTokens(from: number, to: number): Promise<number[]> {
-    return [...new Uint32Array(await this.read(this.state.tokens, from * 4, (to - from) * 4))];
+  /** Token ids [from, to) of the token buffer of `slot`. */
+  async readTokens(from: number, to: number, slot = 0): Promise<number[]> {
+    const at = (this.tokenBase(slot) + from) * 4;
+    return [...new Uint32Array(await this.read(this.state.tokens, at, (to - from) * 4))];
   }
 
   /**
@@ -186,17 +307,7 @@ export class GpuModel {
    */
   async logitsAt(pos: number, ids: number[]): Promise<Float32Array> {
     const V = this.config.vocabSize, maxT = this.state.maxT;
-    if (!this.allLogits) {
-      const buffer = this.gpu.buffer(
-        "logits_all",
-        maxT * V * 4,
-        GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC,
-      );
-      this.allLogits = {
-        buffer,
-        plan: buildAllLogits(this.gpu, this.config, this.weights, this.state, buffer),
-      };
-    }
+    const head = this.batchHead();
     this.writeTokens(pos, ids);
     const out = new Float32Array(ids.length * V);
     for (let i = 0; i < ids.length; i += maxT) {
@@ -205,10 +316,10 @@ export class GpuModel {
       this.writeStep(pos + i, t, GREEDY);
       const enc = this.gpu.device.createCommandEncoder();
       const pass = enc.beginComputePass();
-      encodeDispatches(pass, this.allLogits.plan, t);
+      encodeDispatches(pass, head.plan, t);
       pass.end();
       this.gpu.device.queue.submit([enc.finish()]);
-      out.set(new Float32Array(await this.read(this.allLogits.buffer, 0, t * V * 4)), i * V);
+      out.set(new Float32Array(await this.read(head.buffer, 0, t * V * 4)), i * V);
     }
     return out;
   }

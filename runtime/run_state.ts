@@ -5,10 +5,11 @@ import { STEP_BYTES } from "../kernels/common.ts";
 import type { KvSource } from "../kernels/epilogue.ts";
 
 export interface RunState {
-  ctx: number; // positions the KV cache holds
+  ctx: number; // positions the KV cache holds per slot
+  slots: number; // sequences held at once: slot s has KV rows [s·ctx, (s + 1)·ctx), tokens from s·(ctx + 1)
   maxT: number; // tokens per prefill step
   step: GPUBuffer; // uniform Step
-  tokens: GPUBuffer; // (ctx + 1) u32: prompt, then each sampled token at its position
+  tokens: GPUBuffer; // slots·(ctx + 1) u32 (per slot: prompt, then each sampled token at its position)
   x: GPUBuffer; // (maxT, dim) residual stream
   xn: GPUBuffer; // (maxT, dim) normalized x (prefill)
   xlast: GPUBuffer; // (dim) the last prefill token's x
@@ -19,8 +20,8 @@ export interface RunState {
   rope: GPUBuffer; // (ctx, headDim/2) cos, sin
   /** KV cache layout (kernels/epilogue.ts KvSource): textures on CPU adapters. */
   kv: KvSource;
-  kcache: (GPUBuffer | GPUTexture)[]; // per layer (ctx, nKvHeads·headDim)
-  vcache: (GPUBuffer | GPUTexture)[]; // per layer (ctx, nKvHeads·headDim)
+  kcache: (GPUBuffer | GPUTexture)[]; // per layer (slots·ctx, nKvHeads·headDim)
+  vcache: (GPUBuffer | GPUTexture)[]; // per layer (slots·ctx, nKvHeads·headDim)
   bytes: number;
 }
 
@@ -37,20 +38,27 @@ export function kvSource(gpu: Gpu, ctx: number, kvd: number): KvSource {
   return gpu.isCpu && ctx <= max && kvd / 2 <= max ? "texture" : "buffer";
 }
 
-export function createRunState(gpu: Gpu, c: ModelConfig, ctx: number, maxT: number): RunState {
+export function createRunState(
+  gpu: Gpu,
+  c: ModelConfig,
+  ctx: number,
+  maxT: number,
+  slots = 1,
+): RunState {
   const qd = c.nHeads * c.headDim, kvd = c.nKvHeads * c.headDim;
   let bytes = 0;
   const f32 = (label: string, n: number) => {
     bytes += n * 4;
     return gpu.buffer(label, n * 4, ACT_USAGE);
   };
-  const kv = kvSource(gpu, ctx, kvd);
+  const rows = ctx * slots;
+  const kv = kvSource(gpu, rows, kvd);
   const cache = (label: string) => {
-    if (kv === "buffer") return f32(label, ctx * kvd);
-    bytes += ctx * kvd * 4;
+    if (kv === "buffer") return f32(label, rows * kvd);
+    bytes += rows * kvd * 4;
     return gpu.device.createTexture({
       label,
-      size: [kvd / 2, ctx],
+      size: [kvd / 2, rows],
       format: "rg32uint",
       usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.STORAGE_BINDING,
     });
@@ -66,9 +74,10 @@ export function createRunState(gpu: Gpu, c: ModelConfig, ctx: number, maxT: numb
   }
   return {
     ctx,
+    slots,
     maxT,
     step: gpu.buffer("step", STEP_BYTES, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST),
-    tokens: gpu.buffer("tokens", (ctx + 1) * 4, ACT_USAGE),
+    tokens: gpu.buffer("tokens", slots * (ctx + 1) * 4, ACT_USAGE),
     x: f32("x", maxT * c.dim),
     xn: f32("xn", maxT * c.dim),
     xlast: f32("xlast", c.dim),

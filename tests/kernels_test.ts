@@ -1061,6 +1061,52 @@ for (const opts of SAMPLERS) {
   });
 }
 
+for (const wg of [256, 8]) {
+  Deno.test(`sample (per row, wg ${wg}): each row with its own parameters matches the CPU sampler`, async () => {
+    const h = new Harness(gpu);
+    const vocab = 700, R = 12, ctx = 20;
+    const r = rng(950 + wg);
+    const all = new Float32Array(R * vocab);
+    const rows: StepRow[] = [], want: number[] = [], outs: number[] = [];
+    for (let t = 0; t < R; t++) {
+      const logits = separatedLogits(r, vocab);
+      all.set(logits, t * vocab);
+      const T = [0, 0.6, 1, 1.4][t % 4];
+      const p = probs(logits, Math.max(T, 1e-3));
+      const params = { temperature: T, topK: [0, 5, 0, 30][(t >> 2) % 4], topP: 1 };
+      if (t % 3 === 1 && T > 0) params.topP = topPAt(p, 6);
+      const seed = (0x9e3779b9 * (t + 7)) >>> 0, pos = (t * 5) % (ctx - 1);
+      const s = T > 0
+        ? [...Array(64).keys()].map((k) => seed + k).find((x) =>
+          !nearBoundary(p, params, uniform(x, pos + 1))
+        )!
+        : seed;
+      rows.push({ pos, kvBase: 0, tokenBase: t * (ctx + 1), sampling: { seed: s, ...params } });
+      want.push(sample(logits, params, uniform(s, pos + 1)));
+      outs.push(t * (ctx + 1) + pos + 1);
+    }
+    const tokens = h.buffer(new Uint32Array(R * (ctx + 1)).fill(0xffffffff));
+    h.run({
+      pipeline: samplePipeline(gpu, vocab, { wg, perRow: true }),
+      names: ["step", "logits", "tokens"],
+      // the step-wide parameters are not the rows'
+      bufs: {
+        step: h.step({ ntok: R, rows, seed: 1, temperature: 0.3 }),
+        logits: h.buffer(all),
+        tokens,
+      },
+      grid: [R],
+    });
+    const got = await h.readU32(tokens, R * (ctx + 1));
+    outs.forEach((o, t) => assert.equal(got[o], want[t], `row ${t}`));
+    for (let i = 0; i < got.length; i++) {
+      if (!outs.includes(i)) assert.equal(got[i], 0xffffffff, `tokens[${i}]`);
+    }
+    assert.ok(new Set(want).size >= 4);
+    h.release();
+  });
+}
+
 Deno.test("kernels: largest errors (relative to the tolerance scale)", () => {
   for (const [k, v] of worst) console.log(`  ${k}: ${v.toExponential(2)}`);
 });
