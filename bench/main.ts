@@ -9,12 +9,14 @@ import { benchLoad } from "./load.ts";
 import { benchProfile } from "./profile.ts";
 import { benchQuality } from "./quality.ts";
 import { benchLatency } from "./latency.ts";
+import { benchServe } from "./serve.ts";
 
 const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   decode: benchDecode,
   load: benchLoad,
   quality: benchQuality,
   latency: benchLatency,
+  serve: benchServe,
   profile: benchProfile,
 };
 
