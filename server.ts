@@ -15,7 +15,12 @@ import { Engine } from "./runtime/engine.ts";
 import { loadModel } from "./runtime/load.ts";
 import { ParameterError } from "./runtime/errors.ts";
 import { intOption, runMain } from "./runtime/cli.ts";
-import { DEFAULT_MODEL, DownloadError, ensureDefaultModel } from "./runtime/hub_download.ts";
+import {
+  DEFAULT_MODEL,
+  DownloadError,
+  downloadModel,
+  type DownloadOptions,
+} from "./runtime/hub_download.ts";
 import { quantizeModel } from "./quantize/quantize_model.ts";
 import { ApiError, errorHook, methodNotAllowed as on405, notFound } from "./runtime/http/errors.ts";
 import { countRequests, Metrics, metricsHandler } from "./runtime/http/metrics.ts";
@@ -26,18 +31,17 @@ import { getModel, health, listModels } from "./runtime/http/models.ts";
 import { detokenize, tokenize } from "./runtime/http/tokenize.ts";
 
 /**
- * The default model, downloaded once, then quantized once to W4 g128 (RTN: no calibration text
- * is known for an arbitrary model) beside the download; later starts reuse the file.
+ * The default model (or `repo`), downloaded once, then quantized once to W4 g128 (RTN: no
+ * calibration text is known for an arbitrary model) beside the download; later calls reuse it.
  */
-async function defaultModelW4(): Promise<string> {
-  const dir = await ensureDefaultModel().catch((e) => {
-    if (!(e instanceof DownloadError)) throw e;
-    console.error(`error: ${e.message}; pass --model PATH to serve a local model`);
-    Deno.exit(1);
-  });
+export async function defaultModelW4(
+  repo = DEFAULT_MODEL,
+  options: DownloadOptions = {},
+): Promise<string> {
+  const dir = await downloadModel(repo, options);
   const out = `${dir}/model-w4g128.lowbit`;
   if (!(await Deno.stat(out).then(() => true, () => false))) {
-    console.error(`quantizing ${DEFAULT_MODEL} to W4 g128 (once): ${out}`);
+    if (!options.quiet) console.error(`quantizing ${repo} to W4 g128 (once): ${out}`);
     const tmp = `${out}.partial`;
     await quantizeModel({
       model: dir,
@@ -159,7 +163,11 @@ async function main(args: string[]): Promise<void> {
   }
   const port = intOption("port", a.port, 0)!;
   if (port > 65535) throw new ParameterError(`--port must be at most 65535; got ${port}`);
-  const path = a.model ?? await defaultModelW4();
+  const path = a.model ?? await defaultModelW4().catch((e) => {
+    if (!(e instanceof DownloadError)) throw e;
+    console.error(`error: ${e.message}; pass --model PATH to serve a local model`);
+    Deno.exit(1);
+  });
   const modelId = a["model-id"] ??
     (a.model === undefined ? DEFAULT_MODEL : basename(path.replace(/\/+$/, "")));
   const { model, tokenizer, gpu } = await loadModel(path, {

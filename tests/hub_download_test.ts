@@ -14,6 +14,12 @@ import {
   ensureDefaultModel,
   modelCachePath,
 } from "../runtime/hub_download.ts";
+import { defaultModelW4 } from "../server.ts";
+import { openLowbit } from "../runtime/lowbit_reader.ts";
+import { loadModel } from "../runtime/load.ts";
+import { generate } from "../runtime/generate.ts";
+import { GREEDY } from "../runtime/model.ts";
+import { haveShared, sharedPath, testGpu } from "./helpers.ts";
 
 type Repo = Map<string, { bytes: Uint8Array<ArrayBuffer>; lfs: boolean; damaged?: boolean }>;
 
@@ -211,4 +217,45 @@ Deno.test("ensureDefaultModel downloads the default model into $LOWBIT_CACHE", a
       else Deno.env.set("LOWBIT_CACHE", before);
     }
   });
+});
+
+Deno.test({
+  name: "serve's default model: downloaded, quantized once to W4 g128, reused, and it generates",
+  ignore: !(await haveShared("models/stories260K-hf")),
+  fn: async () => {
+    const src = sharedPath("models/stories260K-hf");
+    const files = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"];
+    repos.set(
+      "test-org/stories",
+      new Map(
+        await Promise.all(files.map(async (f) =>
+          [f, {
+            bytes: await Deno.readFile(join(src, f)),
+            lfs: f.endsWith(".safetensors"),
+          }] as const
+        )),
+      ),
+    );
+    await withHub(async (hubUrl, cacheDir) => {
+      const path = await defaultModelW4("test-org/stories", { hubUrl, cacheDir, quiet: true });
+      assert.ok(path.endsWith("model-w4g128.lowbit"));
+      const file = await openLowbit(path);
+      assert.equal(file.header.quantization.method, "rtn");
+      assert.equal(file.tensors.get("model.layers.0.self_attn.q_proj.weight")!.quant?.bits, 4);
+      file.close();
+      const mtime = (await Deno.stat(path)).mtime;
+      assert.equal(
+        await defaultModelW4("test-org/stories", { hubUrl, cacheDir, quiet: true }),
+        path,
+      );
+      assert.deepEqual((await Deno.stat(path)).mtime, mtime, "the second call must reuse the file");
+      const { model, tokenizer } = await loadModel(path, { gpu: await testGpu(), quiet: true });
+      const ids: number[] = [];
+      const prompt = tokenizer.encode("Once upon a time", { bos: true });
+      for await (
+        const id of generate(model, { prompt, maxTokens: 8, sampling: GREEDY, stopIds: [] })
+      ) ids.push(id);
+      assert.equal(ids.length, 8);
+    });
+  },
 });
