@@ -17,10 +17,10 @@ import {
   denseRowTexels,
   denseTextureAccess,
   grid,
-  STEP_WGSL,
 } from "./common.ts";
-import { type Epilogue, epilogueKey, epilogueWgsl, isPair, unitCount } from "./epilogue.ts";
+import { type Epilogue, epilogueKey, isPair, unitCount } from "./epilogue.ts";
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import { BindingCounter, epilogueDecls, inputDecls } from "./bindings.ts";
 
 export interface DenseTexCore {
   format: DenseFormat;
@@ -77,25 +77,10 @@ export function denseTexWgsl(c: DenseTexCore): string {
   const WG = upw / upt;
   const [nx] = grid(Math.ceil(units / upw));
 
-  let b = 0;
-  const decl = (s: string) => `@group(0) @binding(${b++}) ${s};`;
-  const ownStep = c.epilogue.kind !== "qkv";
-  const stepDecl = c.dynamicTokens
-    ? `${ownStep ? STEP_WGSL : ""}\n${decl("var<uniform> step: Step")}`
-    : "";
-  const xDecl = c.xUniform
-    ? decl(`var<uniform> x: array<vec4<f32>, ${K4 * B}>`)
-    : decl("var<storage, read> x: array<vec4<f32>>");
-  const gDecl = !norm
-    ? ""
-    : c.xUniform
-    ? decl(`var<uniform> g: array<vec4<f32>, ${K4}>`)
-    : decl("var<storage, read> g: array<vec4<f32>>");
-  const wDecl = denseTextureAccess("w", b++, c.format);
-  const epi = c.dynamicTokens
-    ? epilogueWgsl(c.epilogue, ownStep ? b : b - 1, c.rows)
-      .replace(/@group\(0\) @binding\(\d+\) var<uniform> step: Step;/, "")
-    : epilogueWgsl(c.epilogue, b, c.rows);
+  const bind = new BindingCounter();
+  const inputs = inputDecls(c, bind);
+  const wDecl = denseTextureAccess("w", bind.next++, c.format);
+  const epi = epilogueDecls(c, bind, c.rows);
 
   const toks = Array.from({ length: B }, (_, t) => t);
   const rowsIdx = Array.from({ length: nr }, (_, j) => j);
@@ -186,9 +171,7 @@ export function denseTexWgsl(c: DenseTexCore): string {
     }
     p(`  }`);
   }
-  return `${stepDecl}
-${xDecl}
-${gDecl}
+  return `${inputs}
 ${wDecl}
 ${epi}
 

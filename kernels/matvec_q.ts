@@ -34,18 +34,12 @@
  * - xUniform: x (and g) are bound as uniform buffers (batch·K·4 ≤ 64 KiB), which lavapipe loads
  *   with one broadcast instead of a per-lane loop.
  */
-import { grid, STEP_WGSL } from "./common.ts";
-import {
-  type Epilogue,
-  epilogueBindings,
-  epilogueKey,
-  epilogueWgsl,
-  isPair,
-  unitCount,
-} from "./epilogue.ts";
+import { grid } from "./common.ts";
+import { type Epilogue, epilogueBindings, epilogueKey, isPair, unitCount } from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
 import type { Bits } from "../quantize/qtensor.ts";
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import { BindingCounter, epilogueDecls, inputDecls } from "./bindings.ts";
 
 export interface MatvecQVariant {
   bits: Bits;
@@ -273,39 +267,24 @@ export function qCoreWgsl(c: QCore): string {
   const [nx] = grid(Math.ceil(units / upw));
   const norm = c.norm;
 
-  let b = 0;
-  const decl = (s: string) => `@group(0) @binding(${b++}) ${s};`;
-  const ownStep = c.epilogue.kind !== "qkv";
-  const stepDecl = c.dynamicTokens
-    ? `${ownStep ? STEP_WGSL : ""}\n${decl("var<uniform> step: Step")}`
-    : "";
-  const xDecl = c.xUniform
-    ? decl(`var<uniform> x: array<vec4<f32>, ${K4 * B}>`)
-    : decl("var<storage, read> x: array<vec4<f32>>");
-  const gDecl = !norm
-    ? ""
-    : c.xUniform
-    ? decl(`var<uniform> g: array<vec4<f32>, ${K4}>`)
-    : decl("var<storage, read> g: array<vec4<f32>>");
+  const bind = new BindingCounter();
+  const inputs = inputDecls(c, bind);
   const TEX = c.weights === "texture";
   const TW = Q_TEX_WIDTH;
   const qt = qweightType(bits);
   const qDecl = TEX
-    ? `${decl("var qweight: texture_2d<u32>")}
+    ? `${bind.decl("var qweight: texture_2d<u32>")}
 fn qw(i: u32) -> ${qt} { return textureLoad(qweight, vec2<u32>(i % ${TW}u, i / ${TW}u), 0)${
       bits === 4 ? "" : bits === 2 ? ".xy" : ".x"
     }; }`
-    : `${decl(`var<storage, read> qweight: array<${qt}>`)}
+    : `${bind.decl(`var<storage, read> qweight: array<${qt}>`)}
 fn qw(i: u32) -> ${qt} { return qweight[i]; }`;
   const szDecl = TEX
-    ? `${decl("var sz: texture_2d<u32>")}
+    ? `${bind.decl("var sz: texture_2d<u32>")}
 fn szl(i: u32) -> u32 { return textureLoad(sz, vec2<u32>(i % ${TW}u, i / ${TW}u), 0).x; }`
-    : `${decl("var<storage, read> sz: array<u32>")}
+    : `${bind.decl("var<storage, read> sz: array<u32>")}
 fn szl(i: u32) -> u32 { return sz[i]; }`;
-  const epi = c.dynamicTokens
-    ? epilogueWgsl(c.epilogue, ownStep ? b : b - 1, c.rows)
-      .replace(/@group\(0\) @binding\(\d+\) var<uniform> step: Step;/, "")
-    : epilogueWgsl(c.epilogue, b, c.rows);
+  const epi = epilogueDecls(c, bind, c.rows);
 
   const toks = Array.from({ length: B }, (_, t) => t);
   const rowsIdx = Array.from({ length: nr }, (_, j) => j);
@@ -424,9 +403,7 @@ fn szl(i: u32) -> u32 { return sz[i]; }`;
   }
   p(`  }`);
 
-  return `${stepDecl}
-${xDecl}
-${gDecl}
+  return `${inputs}
 ${qDecl}
 ${szDecl}
 ${epi}
