@@ -178,7 +178,9 @@ for (const [N, K] of shapes) {
         const pipeline = matvecQPipeline(gpu, v);
         const entries: GPUBindingResource[] = [];
         const zeros = { qweight: new Uint32Array(words), sz: new Uint32Array(N * nG) };
-        const tex = weights === "texture" ? createQTextures(gpu, zeros, bits) : null;
+        const tex = weights === "texture"
+          ? createQTextures(gpu, zeros, { bits, K, groupSize: GROUP })
+          : null;
         for (const n of matvecQBindings(v)) {
           if (n === "x") entries.push({ buffer: x });
           else if (n === "y") entries.push({ buffer: y });

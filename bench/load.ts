@@ -9,15 +9,9 @@ import { openCheckpoint } from "../runtime/open_checkpoint.ts";
 import { GpuModel } from "../runtime/model.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { llama32_1bLikeConfig, writeSyntheticHfCheckpoint } from "../tests/synthetic.ts";
-import { recordResults, table, today } from "./results.ts";
+import { peakRss, recordResults, table, today } from "./results.ts";
 
 const MB = 1 << 20;
-
-function peakRss(): number {
-  const status = Deno.readTextFileSync("/proc/self/status");
-  const kb = Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? NaN);
-  return kb * 1024;
-}
 
 async function dirBytes(dir: string): Promise<number> {
   let n = 0;

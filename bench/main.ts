@@ -8,6 +8,7 @@ import { benchDecode } from "./decode.ts";
 import { benchLoad } from "./load.ts";
 import { benchProfile } from "./profile.ts";
 import { benchQuality } from "./quality.ts";
+import { benchQuantize1b } from "./quantize_1b.ts";
 import { benchLatency } from "./latency.ts";
 import { benchServe } from "./serve.ts";
 
@@ -15,6 +16,7 @@ const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   decode: benchDecode,
   load: benchLoad,
   quality: benchQuality,
+  "quantize-1b": benchQuantize1b,
   latency: benchLatency,
   serve: benchServe,
   profile: benchProfile,

@@ -40,3 +40,10 @@ export function table(head: string[], rows: (string | number)[][]): string {
 export function today(): string {
   return new Date().toISOString().slice(0, 10);
 }
+
+/** This process's peak resident set size (VmHWM), in bytes. */
+export function peakRss(): number {
+  const status = Deno.readTextFileSync("/proc/self/status");
+  const kb = Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? NaN);
+  return kb * 1024;
+}

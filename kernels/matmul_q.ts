@@ -26,6 +26,11 @@ export interface MatmulQVariant {
   tt?: number;
   /** Where qweight and sz live (default "buffer"; "texture": see createQTextures). */
   weights?: QWeights;
+  /**
+   * Bind x as a uniform buffer of tt tokens (default false): needs tt·K·4 ≤ 65536 and steps of
+   * at most tt tokens (one token group), as in a batched decode step.
+   */
+  xUniform?: boolean;
 }
 
 export interface MatmulQShape {
@@ -49,7 +54,7 @@ function core(v: MatmulQVariant): QCore {
     batch: v.tt ?? 8,
     dynamicTokens: true,
     weights: v.weights ?? "buffer",
-    xUniform: false,
+    xUniform: v.xUniform ?? false,
   };
 }
 
@@ -79,13 +84,15 @@ export function matmulQGrid(v: MatmulQVariant, ntok: number): [number, number, n
 
 /**
  * Thread shape: on CPU adapters 32 weight rows (16 units of the pair epilogues) × 4 tokens per
- * thread, so each loaded x value serves 32 rows and each weight 4 tokens; on GPUs one unit × 8
- * tokens per thread, 64 threads per workgroup.
+ * thread, so each loaded x value serves 32 rows and each weight 4 tokens, or with `tt` = 8
+ * (batched decode: every row of the step in one token group) 16 rows × 8 tokens; on GPUs one
+ * unit × 8 tokens per thread, 64 threads per workgroup.
  */
-export function matmulQShape(gpu: Gpu, epilogue?: Epilogue): MatmulQShape {
+export function matmulQShape(gpu: Gpu, epilogue?: Epilogue, tt = 4): MatmulQShape {
   if (gpu.isCpu) {
-    const upt = epilogue && isPair(epilogue) ? 16 : 32;
-    return { tpr: 1, upt, upw: upt * 8, tt: 4 };
+    const rows = tt > 4 ? 16 : 32;
+    const upt = epilogue && isPair(epilogue) ? rows / 2 : rows;
+    return { tpr: 1, upt, upw: upt * 8, tt };
   }
   return { tpr: 1, upt: 1, upw: 64, tt: 8 };
 }

@@ -93,24 +93,52 @@ export interface QCore {
 /** Texels per row of the weight textures. */
 export const Q_TEX_WIDTH = 4096;
 
-/** Texture format of qweight: one texel per 32-value block (4 and 2 bits) or per word (3 bits). */
-export function qTextureFormat(bits: Bits): GPUTextureFormat {
-  return bits === 4 ? "rgba32uint" : bits === 2 ? "rg32uint" : "r32uint";
+/**
+ * Layout of the "texture" source. Every textureLoad on lavapipe costs about as much as the
+ * arithmetic of 32 weights, nearly independent of the texel's width, so both textures are
+ * rgba32uint (128 bits per load): qweight in fetch units of `blocksPerUnit` 32-value blocks
+ * (4 bits: 1 block = 1 texel; 2 bits: 2 blocks = 1 texel; 3 bits: 4 blocks = 3 texels), and sz
+ * with 4 groups per texel; each weight row is padded to whole units and whole sz texels.
+ */
+export interface QTexLayout {
+  blocksPerUnit: number;
+  texelsPerUnit: number;
+  /** qweight texels per weight row. */
+  rowTexels: number;
+  /** sz texels per weight row (4 groups each). */
+  szRowTexels: number;
+}
+
+export function qTexLayout(bits: Bits, K: number, groupSize: number): QTexLayout {
+  const G = qGroup(K, groupSize);
+  const blocksPerUnit = bits === 4 ? 1 : bits === 2 ? 2 : 4;
+  const texelsPerUnit = bits === 3 ? 3 : 1;
+  return {
+    blocksPerUnit,
+    texelsPerUnit,
+    rowTexels: Math.ceil(Math.ceil(K / 32) / blocksPerUnit) * texelsPerUnit,
+    szRowTexels: Math.ceil(Math.ceil(K / G) / 4),
+  };
 }
 
 /**
- * Uploads packed weights into the textures the "texture" source reads: qweight (format
- * {@link qTextureFormat}) and sz (r32uint), each a row-major run of texels Q_TEX_WIDTH wide, so
- * texel i is at (i % Q_TEX_WIDTH, i / Q_TEX_WIDTH); the words are those of the buffers.
+ * Uploads packed weights (FORMAT.md words, rows of K inputs) into the two rgba32uint textures
+ * the "texture" source reads, each row padded as {@link qTexLayout} says; texel i of a texture is
+ * at (i % Q_TEX_WIDTH, i / Q_TEX_WIDTH).
  */
 export function createQTextures(
   gpu: Gpu,
   packed: { qweight: Uint32Array; sz: Uint32Array },
-  bits: Bits,
+  q: { bits: Bits; K: number; groupSize: number },
   label = "q",
 ): { qweight: GPUTexture; sz: GPUTexture } {
-  const make = (words: Uint32Array, per: number, format: GPUTextureFormat, name: string) => {
-    const texels = Math.ceil(words.length / per);
+  const lay = qTexLayout(q.bits, q.K, q.groupSize);
+  const make = (words: Uint32Array, rowWords: number, rowTexels: number, name: string) => {
+    const rows = words.length / rowWords;
+    if (!Number.isInteger(rows)) {
+      throw new ShapeError(`${label}.${name}: ${words.length} words are not whole rows`);
+    }
+    const texels = rows * rowTexels;
     const h = Math.max(1, Math.ceil(texels / Q_TEX_WIDTH));
     const w = h > 1 ? Q_TEX_WIDTH : Math.max(1, texels);
     const max = gpu.device.limits.maxTextureDimension2D;
@@ -120,21 +148,23 @@ export function createQTextures(
           "split the layer into row chunks",
       );
     }
-    const data = new Uint32Array(w * h * per);
-    data.set(words);
+    const data = new Uint32Array(w * h * 4);
+    for (let r = 0; r < rows; r++) {
+      data.set(words.subarray(r * rowWords, (r + 1) * rowWords), r * rowTexels * 4);
+    }
     const tex = gpu.device.createTexture({
       label: `${label}.${name}`,
       size: [w, h],
-      format,
+      format: "rgba32uint",
       usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
     });
-    gpu.device.queue.writeTexture({ texture: tex }, data, { bytesPerRow: w * per * 4 }, [w, h]);
+    gpu.device.queue.writeTexture({ texture: tex }, data, { bytesPerRow: w * 16 }, [w, h]);
     return tex;
   };
-  const per = bits === 3 ? 1 : bits;
+  const nB = Math.ceil(q.K / 32), nG = Math.ceil(q.K / qGroup(q.K, q.groupSize));
   return {
-    qweight: make(packed.qweight, per, qTextureFormat(bits), "qweight"),
-    sz: make(packed.sz, 1, "r32uint", "sz"),
+    qweight: make(packed.qweight, q.bits * nB, lay.rowTexels, "qweight"),
+    sz: make(packed.sz, nG, lay.szRowTexels, "sz"),
   };
 }
 
@@ -169,10 +199,14 @@ function checkCore(c: QCore): void {
     );
   }
   qGroup(c.K, c.groupSize);
-  if (c.xUniform && (c.dynamicTokens || c.K * c.batch * 4 > 65536)) {
+  if (c.weights === "texture" && c.tpr !== 1) {
+    throw new ParameterError(`quantized kernels: texture weights need tpr = 1, got ${c.tpr}`);
+  }
+  // (with dynamicTokens the grid must then hold one token group: ntok ≤ batch)
+  if (c.xUniform && c.K * c.batch * 4 > 65536) {
     throw new ParameterError(
       `quantized kernels: x as a uniform buffer needs batch·K·4 ≤ 65536 (K = ${c.K}, ` +
-        `batch = ${c.batch}) and a decode kernel`,
+        `batch = ${c.batch})`,
     );
   }
 }
@@ -239,6 +273,133 @@ function scaleWgsl(bits: Bits, i: number): string {
   return `vec4<f32>(${sc.join(", ")})`;
 }
 
+/**
+ * The accumulation loop of the "texture" source (tpr = 1): fetch units of
+ * {@link qTexLayout}'s blocksPerUnit blocks, one rgba32uint load per 128 bits of codes and one per
+ * 4 groups' (s, z). Grouped weights run in chunks of 4 groups (one sz texel per row); a group's
+ * dot products are scaled when it ends: inside a unit when a group is shorter than the unit, or
+ * after every (group / unit)-th unit. x past K is zero, so padded codes add nothing.
+ */
+function textureLoop(c: QCore, nr: number): string[] {
+  const { bits, K, norm } = c;
+  const G = qGroup(K, c.groupSize);
+  const { blocksPerUnit: BU, texelsPerUnit: TU, rowTexels, szRowTexels } = qTexLayout(
+    bits,
+    K,
+    G,
+  );
+  const K4 = K / 4, nB = Math.ceil(K / 32), nG = Math.ceil(K / G), half = 1 << (bits - 1);
+  const grouped = G < K;
+  const Sb = G / 32; // blocks per group when grouped
+  if (grouped && (Sb & (Sb - 1)) !== 0) {
+    throw new ParameterError(
+      `quantized kernels: texture weights need a group size of 32·2^k or per-row, got ${G}`,
+    );
+  }
+  const toks = Array.from({ length: c.batch }, (_, t) => t);
+  const rows = Array.from({ length: nr }, (_, j) => j);
+  const eight = [0, 1, 2, 3, 4, 5, 6, 7];
+  const L: string[] = [];
+  const p = (s: string) => L.push(s);
+  // scale the current group's dot products into the accumulators and restart them
+  const apply = (ind: string, szOf: (j: number) => string) => {
+    for (const j of rows) {
+      p(`${ind}let s${j} = unpack2x16float(${szOf(j)});`);
+      p(`${ind}let z${j} = s${j}.y - s${j}.x * ${half}.0;`);
+      for (const t of toks) {
+        p(`${ind}a${j}_${t} += s${j}.x * d${j}_${t} + z${j} * xs${t};`);
+        p(`${ind}d${j}_${t} = 0.0;`);
+      }
+    }
+    for (const t of toks) p(`${ind}xs${t} = 0.0;`);
+  };
+  const unit = (ind: string, uu: string, u: string) => {
+    p(`${ind}let ub = (${uu}) * ${BU}u;`);
+    for (let b = 0; b < BU; b++) {
+      // x (and g) of block ub + b, zero past K
+      p(`${ind}let xb${b} = (ub + ${b}u) * 8u;`);
+      const ld = (arr: string, o: string, i: number) =>
+        `select(vec4<f32>(0.0), ${arr}[${o}xb${b} + ${i}u], xb${b} + ${i}u < ${K4}u)`;
+      if (norm) { for (const i of eight) p(`${ind}let g${b}_${i} = ${ld("g", "", i)};`); }
+      for (const t of toks) {
+        const x = (i: number) => `x${t}_${b}_${i}`;
+        for (const i of eight) {
+          if (norm) {
+            p(`${ind}let r${x(i)} = ${ld("x", `xo${t} + `, i)};`);
+            p(`${ind}let ${x(i)} = r${x(i)} * g${b}_${i};`);
+          } else p(`${ind}let ${x(i)} = ${ld("x", `xo${t} + `, i)};`);
+        }
+        if (norm) {
+          p(`${ind}ss${t} += ${eight.map((i) => `dot(r${x(i)}, r${x(i)})`).join(" + ")};`);
+        }
+        p(`${ind}let xsb${t}_${b} = dot(${eight.map(x).join(" + ")}, vec4<f32>(1.0));`);
+        for (const i of eight) p(`${ind}let y${t}_${b}_${i} = ${x(i)} * ${scaleWgsl(bits, i)};`);
+      }
+    }
+    for (const j of rows) {
+      for (let m = 0; m < TU; m++) {
+        p(`${ind}let tx${j}_${m} = qw4(n${j} * ${rowTexels}u + (${uu}) * ${TU}u + ${m}u);`);
+      }
+      for (let b = 0; b < BU; b++) {
+        for (let m = 0; m < bits; m++) {
+          const w = b * bits + m; // word of the unit
+          p(`${ind}let w${j}_${b}_${m} = tx${j}_${w >> 2}[${w & 3}];`);
+        }
+        lanes(bits).forEach((l, k) => {
+          const word = l.word.replaceAll("w_", `w${j}_${b}_`);
+          const f = l.ops.map((op) => `l${j}_${b}_${k} ${op}`).join(", ");
+          p(`${ind}let l${j}_${b}_${k} = ${word};`);
+          p(`${ind}let c${j}_${b}_${k} = vec4<f32>(vec4<i32>(vec4<u32>(${f})));`);
+        });
+      }
+    }
+    for (let b = 0; b < BU; b++) {
+      for (const j of rows) {
+        for (const t of toks) {
+          const terms = eight.map((i) => `dot(c${j}_${b}_${i}, y${t}_${b}_${i})`);
+          p(`${ind}d${j}_${t} += ${terms.join(" + ")};`);
+        }
+      }
+      for (const t of toks) p(`${ind}xs${t} += xsb${t}_${b};`);
+      // a group ends inside the unit
+      if (grouped && Sb <= BU && (b + 1) % Sb === 0) {
+        const gq = `${u} * ${BU / Sb}u + ${(b + 1) / Sb - 1}u`;
+        p(`${ind}{`);
+        apply(`${ind}  `, (j) => `szv${j}[${gq}]`);
+        p(`${ind}}`);
+      }
+    }
+    if (grouped && Sb > BU) {
+      // a group ends after every (Sb / BU)-th unit
+      p(`${ind}if ((${u} + 1u) % ${Sb / BU}u == 0u) {`);
+      apply(`${ind}  `, (j) => `szv${j}[${u} / ${Sb / BU}u]`);
+      p(`${ind}}`);
+    }
+  };
+
+  for (const j of rows) for (const t of toks) p(`  var d${j}_${t} = 0.0;`);
+  for (const t of toks) p(`  var xs${t} = 0.0;`);
+  if (grouped) {
+    const CU = (4 * Sb) / BU; // units per chunk of 4 groups
+    const nUg = Math.ceil((nG * Sb) / BU); // units up to the end of the last group
+    p(`  for (var ch = 0u; ch < ${Math.ceil(nG / 4)}u; ch++) {`);
+    for (const j of rows) p(`    let szv${j} = sz4(n${j} * ${szRowTexels}u + ch);`);
+    p(`    let ue = min(${CU}u, ${nUg}u - ch * ${CU}u);`);
+    p(`    for (var u = 0u; u < ue; u++) {`);
+    unit("      ", `ch * ${CU}u + u`, "u");
+    p(`    }`);
+    p(`  }`);
+  } else {
+    p(`  for (var uu = 0u; uu < ${Math.ceil(nB / BU)}u; uu++) {`);
+    unit("    ", "uu", "uu");
+    p(`  }`);
+    p(`  {`);
+    apply("    ", (j) => `sz4(n${j} * ${szRowTexels}u).x`);
+    p(`  }`);
+  }
+  return L;
+}
+
 function qweightType(bits: Bits): string {
   return bits === 4 ? "vec4<u32>" : bits === 2 ? "vec2<u32>" : "u32";
 }
@@ -272,16 +433,14 @@ export function qCoreWgsl(c: QCore): string {
   const TEX = c.weights === "texture";
   const TW = Q_TEX_WIDTH;
   const qt = qweightType(bits);
+  const texFn = (name: string, tex: string) =>
+    `fn ${name}(i: u32) -> vec4<u32> { return textureLoad(${tex}, vec2<u32>(i % ${TW}u, i / ${TW}u), 0); }`;
   const qDecl = TEX
-    ? `${bind.decl("var qweight: texture_2d<u32>")}
-fn qw(i: u32) -> ${qt} { return textureLoad(qweight, vec2<u32>(i % ${TW}u, i / ${TW}u), 0)${
-      bits === 4 ? "" : bits === 2 ? ".xy" : ".x"
-    }; }`
+    ? `${bind.decl("var qweight: texture_2d<u32>")}\n${texFn("qw4", "qweight")}`
     : `${bind.decl(`var<storage, read> qweight: array<${qt}>`)}
 fn qw(i: u32) -> ${qt} { return qweight[i]; }`;
   const szDecl = TEX
-    ? `${bind.decl("var sz: texture_2d<u32>")}
-fn szl(i: u32) -> u32 { return textureLoad(sz, vec2<u32>(i % ${TW}u, i / ${TW}u), 0).x; }`
+    ? `${bind.decl("var sz: texture_2d<u32>")}\n${texFn("sz4", "sz")}`
     : `${bind.decl("var<storage, read> sz: array<u32>")}
 fn szl(i: u32) -> u32 { return sz[i]; }`;
   const epi = epilogueDecls(c, bind, c.rows);
@@ -313,48 +472,51 @@ fn szl(i: u32) -> u32 { return sz[i]; }`;
   for (const j of rowsIdx) for (const t of toks) p(`  var a${j}_${t} = 0.0;`);
   if (norm) { for (const t of toks) p(`  var ss${t} = 0.0;`); }
 
-  p(`  for (var sp = t; sp < ${nSpans}u; sp += ${tpr}u) {`);
-  for (const j of rowsIdx) for (const t of toks) p(`    var d${j}_${t} = 0.0;`);
-  for (const t of toks) p(`    var xs${t} = vec4<f32>(0.0);`);
-  p(`    let kb1 = min(sp * ${S}u + ${S}u, ${nB}u);`);
-  p(`    for (var kb = sp * ${S}u; kb < kb1; kb++) {`);
-  const ind = "      ";
-  const eight = [0, 1, 2, 3, 4, 5, 6, 7];
-  // x (and g) of the block, zero past K in the last block
-  const ld = (arr: string, o: string, i: number) =>
-    i < rem
-      ? `${arr}[${o} + ${i}u]`
-      : `select(vec4<f32>(0.0), ${arr}[${o} + ${i}u], kb != ${nB - 1}u)`;
-  p(`${ind}let xb = kb * 8u;`);
-  if (norm) { for (const i of eight) p(`${ind}let g_${i} = ${ld("g", "xb", i)};`); }
-  for (const t of toks) {
-    for (const i of eight) {
-      if (norm) {
-        p(`${ind}let xr${t}_${i} = ${ld("x", `xo${t} + xb`, i)};`);
-        p(`${ind}let x${t}_${i} = xr${t}_${i} * g_${i};`);
-      } else p(`${ind}let x${t}_${i} = ${ld("x", `xo${t} + xb`, i)};`);
-    }
-    if (norm) {
-      p(`${ind}ss${t} += ${eight.map((i) => `dot(xr${t}_${i}, xr${t}_${i})`).join(" + ")};`);
-    }
-    p(`${ind}xs${t} += ${eight.map((i) => `x${t}_${i}`).join(" + ")};`);
-    for (const i of eight) p(`${ind}let y${t}_${i} = x${t}_${i} * ${scaleWgsl(bits, i)};`);
-  }
-  for (const j of rowsIdx) {
-    L.push(...codesLines(bits, j, `r${j} + kb`, ind));
+  if (TEX) L.push(...textureLoop(c, nr));
+  else {
+    p(`  for (var sp = t; sp < ${nSpans}u; sp += ${tpr}u) {`);
+    for (const j of rowsIdx) for (const t of toks) p(`    var d${j}_${t} = 0.0;`);
+    for (const t of toks) p(`    var xs${t} = vec4<f32>(0.0);`);
+    p(`    let kb1 = min(sp * ${S}u + ${S}u, ${nB}u);`);
+    p(`    for (var kb = sp * ${S}u; kb < kb1; kb++) {`);
+    const ind = "      ";
+    const eight = [0, 1, 2, 3, 4, 5, 6, 7];
+    // x (and g) of the block, zero past K in the last block
+    const ld = (arr: string, o: string, i: number) =>
+      i < rem
+        ? `${arr}[${o} + ${i}u]`
+        : `select(vec4<f32>(0.0), ${arr}[${o} + ${i}u], kb != ${nB - 1}u)`;
+    p(`${ind}let xb = kb * 8u;`);
+    if (norm) { for (const i of eight) p(`${ind}let g_${i} = ${ld("g", "xb", i)};`); }
     for (const t of toks) {
-      p(`${ind}d${j}_${t} += ${eight.map((i) => `dot(c${j}_${i}, y${t}_${i})`).join(" + ")};`);
+      for (const i of eight) {
+        if (norm) {
+          p(`${ind}let xr${t}_${i} = ${ld("x", `xo${t} + xb`, i)};`);
+          p(`${ind}let x${t}_${i} = xr${t}_${i} * g_${i};`);
+        } else p(`${ind}let x${t}_${i} = ${ld("x", `xo${t} + xb`, i)};`);
+      }
+      if (norm) {
+        p(`${ind}ss${t} += ${eight.map((i) => `dot(xr${t}_${i}, xr${t}_${i})`).join(" + ")};`);
+      }
+      p(`${ind}xs${t} += ${eight.map((i) => `x${t}_${i}`).join(" + ")};`);
+      for (const i of eight) p(`${ind}let y${t}_${i} = x${t}_${i} * ${scaleWgsl(bits, i)};`);
     }
+    for (const j of rowsIdx) {
+      L.push(...codesLines(bits, j, `r${j} + kb`, ind));
+      for (const t of toks) {
+        p(`${ind}d${j}_${t} += ${eight.map((i) => `dot(c${j}_${i}, y${t}_${i})`).join(" + ")};`);
+      }
+    }
+    p(`    }`);
+    for (const t of toks) p(`    let xt${t} = dot(xs${t}, vec4<f32>(1.0));`);
+    p(`    let gi = ${spanGroup};`);
+    for (const j of rowsIdx) {
+      p(`    let sz${j} = unpack2x16float(szl(n${j} * ${nG}u + gi));`);
+      p(`    let zz${j} = sz${j}.y - sz${j}.x * ${half}.0;`);
+      for (const t of toks) p(`    a${j}_${t} += sz${j}.x * d${j}_${t} + zz${j} * xt${t};`);
+    }
+    p(`  }`);
   }
-  p(`    }`);
-  for (const t of toks) p(`    let xt${t} = dot(xs${t}, vec4<f32>(1.0));`);
-  p(`    let gi = ${spanGroup};`);
-  for (const j of rowsIdx) {
-    p(`    let sz${j} = unpack2x16float(szl(n${j} * ${nG}u + gi));`);
-    p(`    let zz${j} = sz${j}.y - sz${j}.x * ${half}.0;`);
-    for (const t of toks) p(`    a${j}_${t} += sz${j}.x * d${j}_${t} + zz${j} * xt${t};`);
-  }
-  p(`  }`);
 
   // values each thread holds: acc rows × tokens, then Σx² per token
   const vals: string[] = [];

@@ -38,6 +38,8 @@ export interface QuantizeModelOptions {
 
 export interface QuantizeModelResult {
   seconds: number;
+  /** Calibration tokens (0 without calibration). */
+  calibTokens: number;
   layers: LayerReport[];
   blocks: BlockReport[];
 }
@@ -91,6 +93,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
       norm: (name: string, g: Float32Array) => writer.writeTensor(name, g),
     };
     let reports: { layers: LayerReport[]; blocks: BlockReport[] } = { layers: [], blocks: [] };
+    let calibTokens = 0;
     if (o.calib) {
       const text = await Deno.readTextFile(o.calib.path);
       const seqs = calibrationSequences(tokenizer, text, {
@@ -98,9 +101,8 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         samples: o.calib.samples,
         seed: o.calib.seed,
       });
-      log(
-        `calibration: ${seqs.length} sequences, ${seqs.reduce((n, s) => n + s.length, 0)} tokens`,
-      );
+      calibTokens = seqs.reduce((n, s) => n + s.length, 0);
+      log(`calibration: ${seqs.length} sequences, ${calibTokens} tokens`);
       reports = await quantizeSequential(await createGpu(), ckpt, seqs, {
         method: o.method,
         ...quant,
@@ -118,7 +120,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
       }
     }
     await writer.close();
-    return { seconds: (performance.now() - t0) / 1000, ...reports };
+    return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports };
   } finally {
     ckpt.close();
   }

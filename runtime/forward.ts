@@ -75,7 +75,12 @@ function spread<S extends { tpr: number; upw: number; upt?: number }>(
 
 /** Builds dispatches from pipelines and named buffers. */
 export class Builder {
-  constructor(readonly gpu: Gpu, readonly state: RunState) {}
+  /**
+   * `rowsPerStep`: build for steps of at most this many tokens (a batched decode step): the
+   * quantized matrix kernels then take them all in one token group, x bound as a uniform buffer
+   * where it fits.
+   */
+  constructor(readonly gpu: Gpu, readonly state: RunState, readonly rowsPerStep?: number) {}
 
   bind(pipeline: GPUComputePipeline, names: string[], bufs: Buffers, label: string): GPUBindGroup {
     const s = this.state as unknown as Buffers;
@@ -168,6 +173,9 @@ export class Builder {
   /** epilogue(W · x[t]) for each of the step's tokens. */
   matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
     if (W.format === "q") {
+      const tt = this.rowsPerStep;
+      const s = this.state as unknown as Buffers;
+      const x = tt && W.weights === "texture" ? this.uniform(bufs.x ?? s.x, tt * W.K * 4) : null;
       return W.chunks.map((c) => {
         const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
         const v = {
@@ -177,10 +185,11 @@ export class Builder {
           K: W.K,
           epilogue: e,
           weights: W.weights,
-          ...matmulQShape(this.gpu, e),
+          xUniform: x !== null,
+          ...matmulQShape(this.gpu, e, tt),
         };
         const pipeline = matmulQPipeline(this.gpu, v);
-        const bufs2 = { ...bufs, qweight: c.qweight, sz: c.sz };
+        const bufs2 = { ...bufs, ...(x ? { x } : {}), qweight: c.qweight, sz: c.sz };
         const bindGroup = this.bind(pipeline, matmulQBindings(v), bufs2, label);
         return { pipeline, bindGroup, grid: (n: number) => matmulQGrid(v, n) };
       });
@@ -307,14 +316,32 @@ export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunStat
   decode.push(...b.matvec(w.lmHead, logits, { g: w.norm, y: s.logits }, eps, "logits"));
   decode.push(b.sample(c.vocabSize));
 
-  const prefill: Dispatch[] = [];
-  prefill.push(...b.embed(w.embed));
-  w.layers.forEach((L, l) => prefill.push(...layerStages(b, c, L, l).flat()));
+  const prefill = layersPlan(b, c, w);
   const prefillHead = [
     ...b.matvec(w.lmHead, logits, { x: s.xlast, g: w.norm, y: s.logits }, eps, "logits"),
     b.sample(c.vocabSize),
   ];
   return { decode, prefill, prefillHead };
+}
+
+/** Embedding and every layer for the step's tokens (prefill kernels). */
+function layersPlan(b: Builder, c: ModelConfig, w: GpuWeights): Dispatch[] {
+  return [...b.embed(w.embed), ...w.layers.flatMap((L, l) => layerStages(b, c, L, l).flat())];
+}
+
+/**
+ * The body of a batched decode step of up to `rows` (≤ 8) sequences: the prefill's dispatches,
+ * with the quantized matrix kernels taking every row in one token group, so that each weight is
+ * read once per step (the batched matrix-vector product of continuous batching).
+ */
+export function buildDecodeRows(
+  gpu: Gpu,
+  c: ModelConfig,
+  w: GpuWeights,
+  s: RunState,
+  rows: number,
+): Dispatch[] {
+  return layersPlan(new Builder(gpu, s, rows), c, w);
 }
 
 /**

@@ -171,7 +171,7 @@ class Uploader {
         sz.set(p.sz, r * szWords);
         r += t.shape[0];
       }
-      const tex = createQTextures(this.gpu, { qweight, sz }, bits, label);
+      const tex = createQTextures(this.gpu, { qweight, sz }, { bits, K, groupSize }, label);
       this.pending += qweight.byteLength + sz.byteLength;
       this.bytes += qweight.byteLength + sz.byteLength;
       this.onProgress(this.bytes, this.total);

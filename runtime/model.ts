@@ -11,6 +11,7 @@ import { type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.
 import { createRunState, type RunState } from "./run_state.ts";
 import {
   buildAllLogits,
+  buildDecodeRows,
   buildForward,
   type Dispatch,
   encodeDispatches,
@@ -22,6 +23,9 @@ import { sampleOptions, samplePipeline } from "../kernels/sample.ts";
 
 /** Host sampling parameters plus the seed of the GPU sampler's random numbers. */
 export type SamplingParams = HostSamplingParams & { seed: number };
+
+/** Rows of a batched decode step that share one pass over each weight (kernels' tokens ≤ 8). */
+const BATCH_ROWS = 8;
 
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 
@@ -49,6 +53,8 @@ export interface BatchRow {
 export class GpuModel {
   readonly plan: ForwardPlan;
   private allLogits: { buffer: GPUBuffer; plan: Dispatch[]; sampleRows: Dispatch } | null = null;
+  /** decodeBatch's body for up to {@link BATCH_ROWS} rows (built on first use). */
+  private rowsPlan: Dispatch[] | null = null;
 
   private constructor(
     readonly gpu: Gpu,
@@ -200,8 +206,9 @@ export class GpuModel {
   /**
    * One decode step of several sequences in one pass over the weights (one submit, no wait):
    * row t embeds tokens[rows[t].pos] of its slot and samples the slot's tokens[pos + 1] with its
-   * own sampling parameters (the prefill kernels for rows.length tokens, the logits of every row,
-   * then the per-row sampler). `extra` is encoded after it (e.g. a read-back copy).
+   * own sampling parameters: the layers (up to 8 rows: buildDecodeRows, each weight read once;
+   * more: the prefill kernels), the logits of every row, then the per-row sampler. `extra` is
+   * encoded after it (e.g. a read-back copy).
    */
   decodeBatch(rows: BatchRow[], extra?: (e: GPUCommandEncoder) => void): void {
     const B = rows.length;
@@ -222,7 +229,16 @@ export class GpuModel {
     this.writeStep(rows[0].pos, B, rows[B - 1].sampling, 0, stepRows);
     const enc = this.gpu.device.createCommandEncoder();
     const pass = enc.beginComputePass();
-    encodeDispatches(pass, this.plan.prefill, B);
+    if (B <= BATCH_ROWS) {
+      this.rowsPlan ??= buildDecodeRows(
+        this.gpu,
+        this.config,
+        this.weights,
+        this.state,
+        BATCH_ROWS,
+      );
+      encodeDispatches(pass, this.rowsPlan, B);
+    } else encodeDispatches(pass, this.plan.prefill, B);
     encodeDispatches(pass, head.plan, B);
     encodeDispatches(pass, [head.sampleRows], B);
     pass.end();

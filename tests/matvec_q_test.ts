@@ -143,7 +143,7 @@ async function check(c: Case): Promise<void> {
   bufs.x = c.xUniform ? gpu.upload("x", x, GPUBufferUsage.UNIFORM) : gpu.upload("x", x);
   bufs.g = c.xUniform ? gpu.upload("g", g, GPUBufferUsage.UNIFORM) : gpu.upload("g", g);
   if (c.weights === "texture") {
-    const tex = createQTextures(gpu, packed, c.bits);
+    const tex = createQTextures(gpu, packed, { bits: c.bits, K, groupSize: c.G });
     bufs.qweight = tex.qweight.createView();
     bufs.sz = tex.sz.createView();
   } else {
@@ -454,10 +454,36 @@ Deno.test("matvec_q: the adapter's shapes (batch 1 and 8) and the texture/unifor
       epilogue: bits === 2 ? { kind: "add" } : store(37),
       tokens: bits === 4 ? 1 : 2,
       norm: bits !== 2,
-      shape: bits === 2 ? GPU_SHAPE : CPU_SHAPE,
+      shape: CPU_SHAPE,
       weights: "texture",
       xUniform: bits !== 2,
     });
+  }
+});
+
+Deno.test("matvec_q texture source: every bit width × group size, odd K, batch 1/3/8", async () => {
+  // K = 172: short last block and group; 448 = 7·64 (a partial chunk of 4 groups, half a W3
+  // unit); 688 = 5·128 + 48 (a last group shorter than the W4 unit run)
+  let i = 0;
+  for (const bits of [2, 3, 4] as Bits[]) {
+    for (const G of [32, 64, 128, 0]) {
+      const K = [172, 448, 688][i % 3], tokens = [1, 3, 8][i % 3];
+      await check({
+        name: `texture b${bits} G${G} K${K} batch ${tokens}`,
+        kind: "matvec",
+        bits,
+        G,
+        N: 37,
+        K,
+        epilogue: i % 2 ? { kind: "add" } : store(37),
+        tokens,
+        norm: i % 4 < 2,
+        shape: CPU_SHAPE,
+        weights: "texture",
+        xUniform: i % 2 === 0 && tokens * K * 4 <= 65536,
+      });
+      i++;
+    }
   }
 });
 
@@ -528,6 +554,17 @@ Deno.test("matmul_q: prefill for 1, 5 and 13 tokens", async () => {
       shape: { tpr: 1, upt: 4, upw: 8, tt: 4 },
       weights: "texture",
     },
+    {
+      name: "gateup, 6 tokens, texture weights",
+      bits: 2,
+      G: 64,
+      N: 58,
+      K: 448,
+      epilogue: { kind: "gateup", hidden: 29 },
+      tokens: 6,
+      shape: { tpr: 1, upt: 3, upw: 6, tt: 4 },
+      weights: "texture",
+    },
   ];
   for (const c of cases) await check({ ...c, kind: "matmul" });
 });
@@ -551,4 +588,9 @@ Deno.test("quantized kernels reject unsupported group sizes, batches and uniform
   assert.throws(() => matvecQWgsl(v), ParameterError);
   assert.throws(() => matvecQWgsl({ ...v, batch: 4, xUniform: true }), ParameterError);
   assert.ok(matvecQWgsl({ ...v, batch: 2, xUniform: true }).includes("var<uniform> x"));
+  assert.throws(() => matvecQWgsl({ ...v, batch: 1, weights: "texture", tpr: 4 }), ParameterError);
+  assert.throws(
+    () => matvecQWgsl({ ...v, batch: 1, weights: "texture", groupSize: 96 }),
+    /group size of 32·2\^k/,
+  );
 });
