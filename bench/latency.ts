@@ -7,7 +7,7 @@
  * bench/latency.json.
  *
  *   deno task bench latency [--shapes stories,smollm,1b,7b] [--formats fp16,w4g128,w3g128,w2g64]
- *                           [--prompts 128,512] [--decode 64]
+ *                           [--prompts 128,512] [--decode N]
  */
 import { parseArgs } from "node:util";
 import { createGpu, type Gpu } from "../kernels/gpu.ts";
@@ -53,12 +53,16 @@ const SHAPES: Record<string, ModelConfig | null> = {
   "7b": llama2_7b,
 };
 
-const FORMATS: Record<string, { bits: Bits; groupSize: number } | null> = {
+/** Weight formats; "+head": the logits layer packed too (otherwise fp16). */
+const FORMATS: Record<string, { bits: Bits; groupSize: number; head?: boolean } | null> = {
   fp16: null,
   w4g128: { bits: 4, groupSize: 128 },
   w3g128: { bits: 3, groupSize: 128 },
   w2g64: { bits: 2, groupSize: 64 },
+  "w4g128+head": { bits: 4, groupSize: 128, head: true },
+  "w2g64+head": { bits: 2, groupSize: 64, head: true },
 };
+const DEFAULT_FORMATS = "fp16,w4g128,w3g128,w2g64";
 
 /** The model file for a shape and format, written once into the cache. */
 async function modelPath(shape: string, format: string): Promise<string> {
@@ -83,6 +87,7 @@ async function modelPath(shape: string, format: string): Promise<string> {
         `${q.groupSize}`,
         "--out",
         path,
+        ...(q.head ? ["--quantize-head"] : []),
       ];
       const r = await new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "null" })
         .output();
@@ -94,7 +99,7 @@ async function modelPath(shape: string, format: string): Promise<string> {
   const path = q ? `${CACHE}/${shape}-${format}.lowbit` : `${CACHE}/${shape}-f16`;
   if (!(await Deno.stat(path).then(() => true, () => false))) {
     console.error(`writing ${path} (once)...`);
-    if (q) await writeSyntheticLowbit(path, c, q.bits, q.groupSize);
+    if (q) await writeSyntheticLowbit(path, c, q.bits, q.groupSize, q.head);
     else await writeSyntheticHfCheckpoint(path, c, { dtype: "F16", shards: 1, seed: 1 });
   }
   return path;
@@ -213,9 +218,9 @@ export async function benchLatency(args: string[]): Promise<void> {
     args,
     options: {
       shapes: { type: "string" },
-      formats: { type: "string", default: Object.keys(FORMATS).join(",") },
+      formats: { type: "string", default: DEFAULT_FORMATS },
       prompts: { type: "string" },
-      decode: { type: "string", default: "64" },
+      decode: { type: "string" },
     },
   });
   const gpu = await createGpu();
@@ -232,7 +237,10 @@ export async function benchLatency(args: string[]): Promise<void> {
   const rows: Row[] = [];
   for (const shape of shapes) {
     for (const format of values.formats!.split(",")) {
-      const r = await measure(gpu, shape, format, prompts, Number(values.decode));
+      // decode steps: 64, or 16 for the 1B and 7B shapes on CPU adapters (seconds per step)
+      const big = shape === "1b" || shape === "7b";
+      const nDecode = Number(values.decode ?? (gpu.isCpu && big ? 16 : 64));
+      const r = await measure(gpu, shape, format, prompts, nDecode);
       rows.push(r);
       console.log(
         `${shape} ${format}: prefill ${
@@ -273,7 +281,7 @@ export async function benchLatency(args: string[]): Promise<void> {
     } GB/s (copyBufferToBuffer), FMA ceiling ` +
       `${
         ceil.fmaGflops.toFixed(1)
-      } GFLOP/s. Synthetic weights except stories260K. Batch 8: 8 sequences stepped together ` +
+      } GFLOP/s. Synthetic weights except stories260K; the logits layer stays fp16 except in the "+head" rows. Batch 8: 8 sequences stepped together ` +
       `(GpuModel.decodeBatch), total tok/s.\n\n${table(head, body)}`,
   );
   await Deno.writeTextFile(

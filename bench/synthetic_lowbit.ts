@@ -1,6 +1,7 @@
 /**
  * Synthetic packed models for the benchmarks: random codes and fp16 scales/zeros for every
- * linear layer, random fp16 embeddings, unit norms, written as a .lowbit one tensor at a time.
+ * linear layer (with `head`, the logits layer too, untied), random fp16 embeddings, unit norms,
+ * written as a .lowbit one tensor at a time.
  */
 import { expectedShapes, type ModelConfig, tensorNames as T } from "../runtime/config.ts";
 import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
@@ -15,10 +16,13 @@ export async function writeSyntheticLowbit(
   c: ModelConfig,
   bits: Bits,
   groupSize: number,
+  head = false,
 ): Promise<void> {
+  if (head) c = { ...c, tiedEmbeddings: false };
   const linear = new Set(
     Array.from({ length: c.nLayers }, (_, l) => LINEARS.map((f) => f(l))).flat(),
   );
+  if (head) linear.add(T.lmHead);
   const tensors = [...expectedShapes(c)].map(([name, shape]) =>
     linear.has(name)
       ? { name, shape, dtype: "Q" as const, quant: { bits, groupSize } }

@@ -8,7 +8,7 @@
 
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
 import { LayerQuantizer, type QuantizeResult } from "./hessian.ts";
-import { gptqPlan, gptqRound } from "./gptq.ts";
+import { type GptqPlan, gptqPlan, gptqRound } from "./gptq.ts";
 import { type Bits, effectiveGroupSize, nGroups } from "./qtensor.ts";
 import { diagonal, minMaxScaleZero, type ScaleZero } from "./rtn.ts";
 import { floatStep, ScaleZeroLsq } from "./scale_zero_lsq.ts";
@@ -33,6 +33,8 @@ export interface DecoupleQOptions {
   gridCriterion?: "plain" | "hdiag";
   /** Stop when fewer than this fraction of rows improve in an iteration; default 1e-4. */
   minImprovedFraction?: number;
+  /** A precomputed {@link gptqPlan} of H (its column order must follow `actorder`). */
+  plan?: GptqPlan;
 }
 
 /**
@@ -56,6 +58,8 @@ export interface DecoupleQStep {
 /** decoupleQ's result: the quantized layer, its loss and the per-iteration history. */
 export interface DecoupleQResult extends QuantizeResult {
   history: DecoupleQStep[];
+  /** tr(W·H·Wᵀ), the denominator of the relative loss. */
+  energy: number;
 }
 
 /**
@@ -80,7 +84,7 @@ export function decoupleQ(
   }
   const minImproved = (opts.minImprovedFraction ?? 1e-4) * N;
   const nG = nGroups(K, G);
-  const plan = gptqPlan(H, K, opts.actorder ?? true);
+  const plan = opts.plan ?? gptqPlan(H, K, opts.actorder ?? true);
   const lsq = new ScaleZeroLsq(W, N, K, H, G);
   const Hdiag = diagonal(H, K);
 
@@ -143,12 +147,9 @@ export function decoupleQ(
     scale: cur.scale,
     zero: cur.zero,
   };
-  const loss = {
-    loss: sum(rowLoss),
-    relative: sum(rowLoss) / lsq.totalWeightEnergy(),
-    rows: rowLoss,
-  };
-  return { ql, loss, history };
+  const energy = lsq.totalWeightEnergy();
+  const loss = { loss: sum(rowLoss), relative: sum(rowLoss) / energy, rows: rowLoss };
+  return { ql, loss, history, energy };
 }
 
 /** Rows `rows` of a row-major (·, width) array, compacted. */

@@ -22,8 +22,10 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
   --calib-seqlen N              tokens per sequence, BOS included (default: context, at most 512)
   --iters N                     decoupleQ alternations, stopping early when rows stop improving (default 8)
   --seed S                      calibration sampling seed (default 0)
+  --threads N                   CPU threads for decoupleQ stage 1 (default: all cores)
   --stage2 / --no-stage2        decoupleQ stage 2: tune s, z and norms per block (default on for decoupleq)
   --stage2-epochs N             (default 5)
+  --quantize-head               pack the logits layer too (default: it stays fp16)
   --no-compare                  skip the RTN/GPTQ losses in the per-layer report
   --tokenizer PATH              tokenizer (default: found beside the model)`;
 
@@ -46,7 +48,9 @@ async function main(args: string[]): Promise<void> {
       "calib-seqlen": { type: "string" },
       iters: { type: "string", default: "8" },
       seed: { type: "string", default: "0" },
+      threads: { type: "string", default: String(navigator.hardwareConcurrency) },
       "no-compare": { type: "boolean", default: false },
+      "quantize-head": { type: "boolean", default: false },
       stage2: { type: "boolean" },
       "no-stage2": { type: "boolean", default: false },
       "stage2-epochs": { type: "string", default: "5" },
@@ -64,7 +68,14 @@ async function main(args: string[]): Promise<void> {
   const groupSize = int("group-size", a["group-size"]!, [0, 32, 64, 128]);
   const stage2 = (a.stage2 ?? (method === "decoupleq" && a.calib !== undefined)) && !a["no-stage2"];
 
-  const settings = { method, bits, groupSize, iters: int("iters", a.iters!), stage2 };
+  const settings = {
+    method,
+    bits,
+    groupSize,
+    iters: int("iters", a.iters!),
+    stage2,
+    quantizeHead: a["quantize-head"],
+  };
   const result = await quantizeModel({
     model: a.model,
     out: a.out,
@@ -81,6 +92,8 @@ async function main(args: string[]): Promise<void> {
       }
       : undefined,
     iters: settings.iters,
+    threads: int("threads", a.threads!),
+    quantizeHead: a["quantize-head"],
     compare: !a["no-compare"],
     stage2: stage2 ? { epochs: int("stage2-epochs", a["stage2-epochs"]!) } : null,
   });

@@ -31,6 +31,10 @@ export interface QuantizeModelOptions {
   /** Calibration text and sampling; required for gptq and decoupleq. */
   calib?: { path: string; seqLen?: number; samples: number; seed: number };
   iters?: number;
+  /** CPU threads for decoupleQ stage 1 (default: all cores). */
+  threads?: number;
+  /** Pack the logits layer too (a tied model's file gets an untied, packed lm_head). */
+  quantizeHead?: boolean;
   compare?: boolean;
   stage2?: { epochs: number } | null;
   log?: (line: string) => void;
@@ -52,13 +56,19 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     throw new ParameterError(`--method ${o.method} needs --calib FILE`);
   }
   if (o.stage2 && !o.calib) throw new ParameterError("--stage2 needs --calib FILE");
+  if (o.threads !== undefined && !(Number.isInteger(o.threads) && o.threads >= 1)) {
+    throw new ParameterError(`--threads must be a positive integer; got ${o.threads}`);
+  }
   const ckpt = await openCheckpoint(o.model);
   try {
-    const c = ckpt.config;
+    const src = ckpt.config;
+    // a packed logits layer is a tensor of its own, even where the checkpoint ties it
+    const c = o.quantizeHead ? { ...src, tiedEmbeddings: false } : src;
     const tokenizer = await loadTokenizer(o.model, o.tokenizer);
     const linear = new Set(
       Array.from({ length: c.nLayers }, (_, l) => LINEARS.map((f) => f(l))).flat(),
     );
+    if (o.quantizeHead) linear.add(T.lmHead);
     const quant = { bits: o.bits, groupSize: o.groupSize };
     const tensors: LowbitTensorSpec[] = [...expectedShapes(c)].map(([name, shape]) =>
       linear.has(name)
@@ -72,6 +82,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         method: o.method,
         ...quant,
         iters: o.iters ?? null,
+        quantizeHead: o.quantizeHead ?? false,
         stage2: o.stage2 ?? null,
         calib: o.calib ?? null,
         source: o.model,
@@ -107,6 +118,8 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         method: o.method,
         ...quant,
         iters: o.iters,
+        threads: o.threads,
+        quantizeHead: o.quantizeHead,
         compare: o.compare,
         stage2: o.stage2 ?? null,
         log,
@@ -114,8 +127,10 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     } else {
       for (const name of blockNorms) await sink.norm(name, await ckpt.read(name));
       for (const name of linear) {
-        const [N, K] = ckpt.tensors.get(name)!.shape;
-        await sink.linear(name, rtnQuantize(await ckpt.read(name), N, K, quant));
+        // the logits layer of a tied checkpoint is its embedding
+        const from = name === T.lmHead && src.tiedEmbeddings ? T.embed : name;
+        const [N, K] = ckpt.tensors.get(from)!.shape;
+        await sink.linear(name, rtnQuantize(await ckpt.read(from), N, K, quant));
         log(`rtn ${name} (${N}×${K})`);
       }
     }

@@ -12,7 +12,7 @@ import { calibratedLayer, Hessian, layerLoss } from "./hessian.ts";
 import { type Bits, dequantize, type QuantizedLinear } from "./qtensor.ts";
 import { diagonal, rtnQuantize } from "./rtn.ts";
 import { gptqQuantize } from "./gptq.ts";
-import { decoupleQ } from "./decoupleq.ts";
+import { decoupleQParallel } from "./decoupleq_parallel.ts";
 import { tuneBlock } from "./stage2.ts";
 import type { LinearKey } from "./block_math.ts";
 
@@ -27,6 +27,13 @@ export interface SequentialOptions {
   /** Also measure the RTN and GPTQ losses of every layer for the report (default true). */
   compare?: boolean;
   percdamp?: number;
+  /** CPU threads for decoupleQ stage 1 (default: all cores). */
+  threads?: number;
+  /**
+   * Also quantize the logits layer (the embedding when tied), calibrated on the final-normed
+   * outputs of the quantized model, into `lm_head.weight`.
+   */
+  quantizeHead?: boolean;
   /** decoupleQ stage 2: tune s, z and the norms of each block against its float output. */
   stage2?: { epochs?: number; lr?: number } | null;
   log?: (line: string) => void;
@@ -79,13 +86,13 @@ async function embedInputs(ckpt: Checkpoint, seqs: number[][]): Promise<Float32A
 }
 
 /** Quantizes one linear layer under H with the chosen method (and the others, to compare). */
-function quantizeLinear(
+async function quantizeLinear(
   W: Float32Array,
   N: number,
   K: number,
   hessian: Hessian,
   opts: SequentialOptions,
-): { ql: QuantizedLinear; loss: LayerReport["loss"] } {
+): Promise<{ ql: QuantizedLinear; loss: LayerReport["loss"] }> {
   const { W: W64, H } = calibratedLayer(W, N, K, hessian, opts.percdamp);
   const { bits, groupSize } = opts;
   const rel = (ql: QuantizedLinear) =>
@@ -104,7 +111,9 @@ function quantizeLinear(
     if (opts.method === "gptq") ql = g;
   }
   if (opts.method === "decoupleq") {
-    const d = decoupleQ(W64, N, K, H, { bits, groupSize, iters: opts.iters });
+    const d = await decoupleQParallel(W64, N, K, H, { bits, groupSize, iters: opts.iters }, {
+      threads: opts.threads,
+    });
     loss.decoupleq = d.loss.relative;
     ql = d.ql;
   }
@@ -143,7 +152,7 @@ export async function quantizeSequential(
         const name = linearName(key, l);
         const [N] = ckpt.tensors.get(name)!.shape;
         const t0 = performance.now();
-        const { ql, loss } = quantizeLinear(await ckpt.read(name), N, K, hessian, opts);
+        const { ql, loss } = await quantizeLinear(await ckpt.read(name), N, K, hessian, opts);
         const ms = performance.now() - t0;
         runner.setLinear(key, Float32Array.from(dequantize(ql, new Float64Array(N * K))));
         qls[key as LinearKey] = ql;
@@ -189,5 +198,31 @@ export async function quantizeSequential(
     await sink.norm(T.ffnNorm(l), ffnNorm);
     inputs = await runner.run(inputs, CAPTURE.output);
   }
+  if (opts.quantizeHead) {
+    const name = T.lmHead, [N, K] = [c.vocabSize, c.dim];
+    const g = await ckpt.read(T.norm), hessian = new Hessian(K);
+    inputs.forEach((x, i) => hessian.addBatch(finalNorm(x, g, c.normEps), seqs[i].length));
+    const t0 = performance.now();
+    const W = await ckpt.read(c.tiedEmbeddings ? T.embed : T.lmHead);
+    const { ql, loss } = await quantizeLinear(W, N, K, hessian, opts);
+    const ms = performance.now() - t0;
+    hessian.free();
+    await sink.linear(name, ql);
+    layers.push({ layer: c.nLayers, name, N, K, ms, loss });
+    const fmt = Object.entries(loss).map(([m, v]) => `${m} ${v!.toExponential(3)}`).join(", ");
+    log(`lm_head (${N}×${K}): relative loss ${fmt} (${ms.toFixed(0)} ms)`);
+  }
   return { layers, blocks };
+}
+
+/** RMSNorm of each row of x (T, K) with weight g: the logits layer's input. */
+function finalNorm(x: Float32Array, g: Float32Array, eps: number): Float32Array {
+  const K = g.length, out = new Float32Array(x.length);
+  for (let o = 0; o < x.length; o += K) {
+    let ss = 0;
+    for (let i = 0; i < K; i++) ss += x[o + i] * x[o + i];
+    const r = 1 / Math.sqrt(ss / K + eps);
+    for (let i = 0; i < K; i++) out[o + i] = x[o + i] * r * g[i];
+  }
+  return out;
 }

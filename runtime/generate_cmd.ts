@@ -12,6 +12,7 @@ import { StreamDecoder } from "./stream_decoder.ts";
 import { validateSamplingParams } from "./sampling.ts";
 import { ParameterError } from "./errors.ts";
 import { dtypeOption, numberOption, runMain } from "./cli.ts";
+import { describeWeights } from "./gpu_weights.ts";
 import { encodeChat } from "./chat_template.ts";
 
 const USAGE = `usage: deno task generate --model PATH [options]
@@ -86,7 +87,8 @@ async function main(args: string[]): Promise<void> {
       (s.promptTokens / (s.ttftMs / 1000)).toFixed(1)
     } tok/s | ` +
       `decode ${s.generatedTokens} tok at ${decodeTps.toFixed(1)} tok/s | ` +
-      `ttft ${s.ttftMs.toFixed(1)} ms | ${s.finishReason} | ${gpu.adapterName}`,
+      `ttft ${s.ttftMs.toFixed(1)} ms | ${s.finishReason} | ${describeWeights(model.weights)} | ` +
+      gpu.adapterName,
   );
 }
 

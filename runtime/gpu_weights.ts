@@ -69,6 +69,12 @@ export interface LayerWeights {
   w2: Matrix; // (dim, hidden)
 }
 
+/** What runs: the linear layers' and the logits layer's formats, e.g. "linears W4 g128, logits f16". */
+export function describeWeights(w: GpuWeights): string {
+  const d = (m: Matrix) => (m.format === "q" ? `W${m.bits} g${m.groupSize}` : m.format);
+  return `linears ${d(w.layers[0].wqkv)}, logits ${d(w.lmHead)}`;
+}
+
 export interface GpuWeights {
   format: DenseFormat;
   embed: DenseMatrix; // (vocab, dim)

@@ -16,7 +16,15 @@ import { argmax } from "../runtime/sampling.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
 import { packQ } from "../quantize/pack.ts";
 import type { Bits } from "../quantize/qtensor.ts";
-import { haveShared, maxAbsDiff, sharedPath, testGpu, testGpuLayout } from "./helpers.ts";
+import { quantizeModel } from "../quantize/quantize_model.ts";
+import {
+  haveShared,
+  maxAbsDiff,
+  sharedPath,
+  testGpu,
+  testGpuLayout,
+  withTempDir,
+} from "./helpers.ts";
 
 const have = await haveShared("models/stories260K-hf");
 
@@ -139,4 +147,53 @@ Deno.test({
       }
     }
   },
+});
+
+Deno.test({
+  name: "--quantize-head: a packed logits layer (calibrated GPTQ) runs as the CPU reference does",
+  ignore: !have,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const out = `${dir}/head.lowbit`;
+      const r = await quantizeModel({
+        model: sharedPath("models/stories260K-hf"),
+        tokenizer: sharedPath("models/stories260K/tok512.bin"),
+        out,
+        method: "gptq",
+        bits: 4,
+        groupSize: 32,
+        calib: {
+          path: sharedPath("data/tinystories/TinyStories-valid-sample.txt"),
+          samples: 4,
+          seqLen: 128,
+          seed: 0,
+        },
+        quantizeHead: true,
+        log: () => {},
+      });
+      // the tied checkpoint's classifier becomes a packed lm_head of its own
+      const head = r.layers.at(-1)!;
+      assert.equal(head.name, T.lmHead);
+      assert.ok(head.loss.gptq! < head.loss.rtn!, JSON.stringify(head.loss));
+      const file = await openLowbit(out);
+      assert.equal(file.config.tiedEmbeddings, false);
+      assert.equal(file.tensors.get(T.lmHead)!.dtype, "Q");
+      assert.equal(file.tensors.get(T.embed)!.dtype, "F16");
+      const model = await GpuModel.load(await testGpu(), file, { maxT: 16 });
+      assert.equal(model.weights.lmHead.format, "q");
+      const ref = await ReferenceModel.load(file);
+      const V = file.config.vocabSize;
+      const ids = [1, 403, 407, 261, 378, 300, 500, 20];
+      const all = await model.logitsAt(0, ids);
+      for (let p = 0; p < ids.length; p++) {
+        const want = ref.forward(ids[p], p);
+        const d = maxAbsDiff(all.subarray(p * V, (p + 1) * V), want);
+        assert.ok(d < 1e-3, `prefill position ${p}: ${d}`);
+        model.writeTokens(p, [ids[p]]);
+        model.decode(p, GREEDY);
+        const e = maxAbsDiff(await model.readLogits(), want);
+        assert.ok(e < 1e-3, `decode position ${p}: ${e}`);
+      }
+      file.close();
+    }),
 });

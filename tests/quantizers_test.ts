@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { DecoupleQ, decoupleQ } from "../quantize/decoupleq.ts";
+import { decoupleQParallel } from "../quantize/decoupleq_parallel.ts";
 import { GPTQ, gptqPlan, gptqRound } from "../quantize/gptq.ts";
 import { calibratedLayer, Hessian, layerLoss } from "../quantize/hessian.ts";
 import {
@@ -384,6 +385,31 @@ Deno.test("decoupleQ float step never increases a row's loss and lowers most row
   for (let n = 0; n < N; n++) {
     assert.ok(dq.loss.rows[n] <= before.rows[n] * (1 + 1e-9), `decoupleQ row ${n} got worse`);
   }
+});
+
+Deno.test("decoupleQ on worker threads equals one thread (no early stop)", async () => {
+  const N = 70, K = 96, G = 32, g = gaussian(mulberry32(5));
+  const W = Float64Array.from({ length: N * K }, () => 0.02 * g());
+  const R = 48, B = Float64Array.from({ length: R * K }, g), H = new Float64Array(K * K);
+  for (let a = 0; a < R; a++) {
+    for (let i = 0; i < K; i++) {
+      for (let j = 0; j < K; j++) H[i * K + j] += (B[a * K + i] * B[a * K + j]) / R;
+    }
+  }
+  for (let i = 0; i < K; i++) H[i * K + i] += 0.05;
+  const opts = { bits: 2, groupSize: G, iters: 4, minImprovedFraction: 0 } as const;
+  const one = decoupleQ(W, N, K, H, opts);
+  const par = await decoupleQParallel(W, N, K, H, opts, { threads: 3, minWork: 0 });
+  assert.deepEqual(par.ql.q, one.ql.q);
+  assert.deepEqual(par.ql.scale, one.ql.scale);
+  assert.deepEqual(par.ql.zero, one.ql.zero);
+  assertClose(par.loss.rows, one.loss.rows, 1e-12, "per-row losses");
+  assert.ok(Math.abs(par.loss.relative - one.loss.relative) <= 1e-12 * one.loss.relative);
+  assert.equal(par.history.at(-1)!.loss.toPrecision(10), one.history.at(-1)!.loss.toPrecision(10));
+  await assert.rejects(
+    decoupleQParallel(W, N, K, H, { ...opts, bits: 5 as 2 }, { threads: 2, minWork: 0 }),
+    /decoupleQ worker/,
+  );
 });
 
 const bench = Deno.permissions.querySync({ name: "env", variable: "LOWBIT_BENCH" }).state ===
