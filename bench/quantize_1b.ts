@@ -3,7 +3,8 @@
  * F16 weights, written once to a cache folder) with decoupleQ stage 1, calibrated on the novels
  * text, and reports the time and the peak RSS of the quantizing process (a fresh child, so the
  * peak is its own). `--layers N` quantizes an N-layer model of the same widths instead (a quick
- * probe of the per-block time).
+ * probe of the per-block time). An interrupted run resumes at its last finished block (the time
+ * then adds up the runs; the peak RSS is the last run's).
  */
 import { parseArgs } from "node:util";
 import { quantizeModel } from "../quantize/quantize_model.ts";
@@ -42,6 +43,7 @@ async function child(dir: string, out: string, s: Settings): Promise<void> {
     iters: s.iters,
     compare: false,
     stage2: null,
+    resume: true, // an interrupted bench continues where it stopped
   });
   const adapter = (await createGpu()).adapterName;
   const fileBytes = (await Deno.stat(out)).size;

@@ -27,6 +27,7 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
   --stage2-epochs N             (default 5)
   --quantize-head               pack the logits layer too (default: it stays fp16)
   --no-compare                  skip the RTN/GPTQ losses in the per-layer report
+  --resume                      continue an interrupted run of the same command (calibrated)
   --tokenizer PATH              tokenizer (default: found beside the model)`;
 
 function int(name: string, v: string, allowed?: number[]): number {
@@ -51,6 +52,7 @@ async function main(args: string[]): Promise<void> {
       threads: { type: "string", default: String(navigator.hardwareConcurrency) },
       "no-compare": { type: "boolean", default: false },
       "quantize-head": { type: "boolean", default: false },
+      resume: { type: "boolean", default: false },
       stage2: { type: "boolean" },
       "no-stage2": { type: "boolean", default: false },
       "stage2-epochs": { type: "string", default: "5" },
@@ -94,6 +96,7 @@ async function main(args: string[]): Promise<void> {
     iters: settings.iters,
     threads: int("threads", a.threads!),
     quantizeHead: a["quantize-head"],
+    resume: a.resume,
     compare: !a["no-compare"],
     stage2: stage2 ? { epochs: int("stage2-epochs", a["stage2-epochs"]!) } : null,
   });

@@ -20,6 +20,7 @@ import {
 import { packQ } from "./pack.ts";
 import { rtnQuantize } from "./rtn.ts";
 import type { Bits, QuantizedLinear } from "./qtensor.ts";
+import type { PackedTensor } from "../runtime/checkpoint.ts";
 
 export interface QuantizeModelOptions {
   model: string;
@@ -36,6 +37,12 @@ export interface QuantizeModelOptions {
   /** Pack the logits layer too (a tied model's file gets an untied, packed lm_head). */
   quantizeHead?: boolean;
   compare?: boolean;
+  /**
+   * Continue an interrupted calibrated run of the same settings from the last finished block:
+   * the state is kept beside the output (OUT.resume.json, OUT.resume.bin) after every block and
+   * removed when the file is complete.
+   */
+  resume?: boolean;
   stage2?: { epochs: number } | null;
   log?: (line: string) => void;
 }
@@ -75,68 +82,159 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         ? { name, shape, dtype: "Q" as const, quant }
         : { name, shape, dtype: shape.length === 1 ? "F32" as const : "F16" as const }
     );
-    const writer = await createLowbitWriter(o.out, {
-      config: c,
-      tokenizer: tokenizer.toData(),
-      quantization: {
-        method: o.method,
-        ...quant,
-        iters: o.iters ?? null,
-        quantizeHead: o.quantizeHead ?? false,
-        stage2: o.stage2 ?? null,
-        calib: o.calib ?? null,
-        source: o.model,
-      },
-      tensors,
-    });
-    const t0 = performance.now();
-    // float tensors other than the block norms (which stage 2 may tune) first, one at a time
-    const blockNorms = new Set(
-      Array.from({ length: c.nLayers }, (_, l) => [T.attnNorm(l), T.ffnNorm(l)]).flat(),
-    );
-    for (const t of tensors) {
-      if (t.dtype !== "Q" && !blockNorms.has(t.name)) {
-        await writer.writeTensor(t.name, await ckpt.read(t.name));
-      }
-    }
-    const sink = {
-      linear: (name: string, ql: QuantizedLinear) => writer.writeTensor(name, packQ(ql)),
-      norm: (name: string, g: Float32Array) => writer.writeTensor(name, g),
+    const quantization = {
+      method: o.method,
+      ...quant,
+      iters: o.iters ?? null,
+      quantizeHead: o.quantizeHead ?? false,
+      stage2: o.stage2 ?? null,
+      calib: o.calib ?? null,
+      source: o.model,
+    };
+    const resumeState = new ResumeState(o.out, JSON.stringify(quantization));
+    const state = o.resume ? await resumeState.load() : null;
+    if (o.resume && !state) log(`nothing to resume for ${o.out}: starting from the beginning`);
+    if (state) log(`resuming ${o.out} at block ${state.next} of ${c.nLayers}`);
+    const spec = { config: c, tokenizer: tokenizer.toData(), quantization, tensors };
+    const writer = await createLowbitWriter(o.out, spec, { resume: state?.written });
+    const t0 = performance.now() - (state?.seconds ?? 0) * 1000;
+    const written = [...state?.written ?? []];
+    const write = async (name: string, data: Float32Array | PackedTensor) => {
+      await writer.writeTensor(name, data);
+      written.push(name);
     };
     let reports: { layers: LayerReport[]; blocks: BlockReport[] } = { layers: [], blocks: [] };
     let calibTokens = 0;
-    if (o.calib) {
-      const text = await Deno.readTextFile(o.calib.path);
-      const seqs = calibrationSequences(tokenizer, text, {
-        seqLen: o.calib.seqLen ?? Math.min(c.seqLen, 512),
-        samples: o.calib.samples,
-        seed: o.calib.seed,
-      });
-      calibTokens = seqs.reduce((n, s) => n + s.length, 0);
-      log(`calibration: ${seqs.length} sequences, ${calibTokens} tokens`);
-      reports = await quantizeSequential(await createGpu(), ckpt, seqs, {
-        method: o.method,
-        ...quant,
-        iters: o.iters,
-        threads: o.threads,
-        quantizeHead: o.quantizeHead,
-        compare: o.compare,
-        stage2: o.stage2 ?? null,
-        log,
-      }, sink);
-    } else {
-      for (const name of blockNorms) await sink.norm(name, await ckpt.read(name));
-      for (const name of linear) {
-        // the logits layer of a tied checkpoint is its embedding
-        const from = name === T.lmHead && src.tiedEmbeddings ? T.embed : name;
-        const [N, K] = ckpt.tensors.get(from)!.shape;
-        await sink.linear(name, rtnQuantize(await ckpt.read(from), N, K, quant));
-        log(`rtn ${name} (${N}×${K})`);
+    try {
+      // float tensors other than the block norms (which stage 2 may tune) first, one at a time
+      const blockNorms = new Set(
+        Array.from({ length: c.nLayers }, (_, l) => [T.attnNorm(l), T.ffnNorm(l)]).flat(),
+      );
+      for (const t of tensors) {
+        if (t.dtype !== "Q" && !blockNorms.has(t.name) && !written.includes(t.name)) {
+          await write(t.name, await ckpt.read(t.name));
+        }
       }
+      const sink = {
+        linear: (name: string, ql: QuantizedLinear) => write(name, packQ(ql)),
+        norm: (name: string, g: Float32Array) => write(name, g),
+      };
+      if (o.calib) {
+        const text = await Deno.readTextFile(o.calib.path);
+        const seqs = calibrationSequences(tokenizer, text, {
+          seqLen: o.calib.seqLen ?? Math.min(c.seqLen, 512),
+          samples: o.calib.samples,
+          seed: o.calib.seed,
+        });
+        calibTokens = seqs.reduce((n, s) => n + s.length, 0);
+        log(`calibration: ${seqs.length} sequences, ${calibTokens} tokens`);
+        reports = await quantizeSequential(await createGpu(), ckpt, seqs, {
+          method: o.method,
+          ...quant,
+          iters: o.iters,
+          threads: o.threads,
+          quantizeHead: o.quantizeHead,
+          compare: o.compare,
+          stage2: o.stage2 ?? null,
+          log,
+          start: state
+            ? { block: state.next, ...state.reports, inputs: state.inputs(seqs, c.dim) }
+            : undefined,
+          onBlockDone: (next, inputs, reports) =>
+            resumeState.save({
+              next,
+              written,
+              reports,
+              seconds: (performance.now() - t0) / 1000,
+            }, inputs),
+        }, sink);
+      } else {
+        for (const name of blockNorms) await sink.norm(name, await ckpt.read(name));
+        for (const name of linear) {
+          // the logits layer of a tied checkpoint is its embedding
+          const from = name === T.lmHead && src.tiedEmbeddings ? T.embed : name;
+          const [N, K] = ckpt.tensors.get(from)!.shape;
+          await sink.linear(name, rtnQuantize(await ckpt.read(from), N, K, quant));
+          log(`rtn ${name} (${N}×${K})`);
+        }
+      }
+    } catch (e) {
+      await writer.abandon(); // kept for --resume
+      throw e;
     }
     await writer.close();
+    await resumeState.remove();
     return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports };
   } finally {
     ckpt.close();
+  }
+}
+
+interface SavedState {
+  next: number;
+  written: string[];
+  reports: { layers: LayerReport[]; blocks: BlockReport[] };
+  seconds: number;
+}
+
+/**
+ * Where an interrupted quantization resumes from, kept beside the output: OUT.resume.json (the
+ * settings, the next block, the tensors written, the reports so far) and OUT.resume.bin (that
+ * block's calibration inputs, f32). Each is written to a temporary name and renamed.
+ */
+class ResumeState {
+  private readonly json: string;
+  private readonly bin: string;
+
+  constructor(out: string, private readonly key: string) {
+    this.json = `${out}.resume.json`;
+    this.bin = `${out}.resume.bin`;
+  }
+
+  async save(s: SavedState, inputs: Float32Array[]): Promise<void> {
+    const bytes = new Uint8Array(inputs.reduce((n, x) => n + x.byteLength, 0));
+    let o = 0;
+    for (const x of inputs) {
+      bytes.set(new Uint8Array(x.buffer, x.byteOffset, x.byteLength), o);
+      o += x.byteLength;
+    }
+    await Deno.writeFile(`${this.bin}.tmp`, bytes);
+    await Deno.rename(`${this.bin}.tmp`, this.bin);
+    await Deno.writeTextFile(`${this.json}.tmp`, JSON.stringify({ key: this.key, ...s }));
+    await Deno.rename(`${this.json}.tmp`, this.json);
+  }
+
+  /** The saved state, or null when there is none; throws when it is for other settings. */
+  async load(): Promise<
+    (SavedState & { inputs: (seqs: number[][], dim: number) => Float32Array[] }) | null
+  > {
+    const text = await Deno.readTextFile(this.json).catch(() => null);
+    if (text === null) return null;
+    const s = JSON.parse(text) as SavedState & { key: string };
+    if (s.key !== this.key) {
+      throw new ParameterError(
+        `${this.json} is the state of a run with other settings; remove it to start over`,
+      );
+    }
+    const bytes = await Deno.readFile(this.bin);
+    const inputs = (seqs: number[][], dim: number) => {
+      const need = seqs.reduce((n, q) => n + q.length, 0) * dim * 4;
+      if (bytes.length !== need) {
+        throw new ParameterError(
+          `${this.bin} holds ${bytes.length} bytes; the calibration needs ${need}`,
+        );
+      }
+      let o = 0;
+      return seqs.map((q) => {
+        const x = new Float32Array(bytes.buffer.slice(o, o + q.length * dim * 4));
+        o += q.length * dim * 4;
+        return x;
+      });
+    };
+    return { ...s, inputs };
+  }
+
+  async remove(): Promise<void> {
+    for (const f of [this.json, this.bin]) await Deno.remove(f).catch(() => {});
   }
 }

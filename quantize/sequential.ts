@@ -34,6 +34,17 @@ export interface SequentialOptions {
    * outputs of the quantized model, into `lm_head.weight`.
    */
   quantizeHead?: boolean;
+  /** Resume at block `block` of an interrupted run, with that block's inputs and the reports. */
+  start?: { block: number; inputs: Float32Array[]; layers: LayerReport[]; blocks: BlockReport[] };
+  /**
+   * Called after each block has gone to the sink, with the next block's index and inputs and
+   * the reports so far (what {@link start} resumes from).
+   */
+  onBlockDone?: (
+    next: number,
+    inputs: Float32Array[],
+    reports: { layers: LayerReport[]; blocks: BlockReport[] },
+  ) => Promise<void>;
   /** decoupleQ stage 2: tune s, z and the norms of each block against its float output. */
   stage2?: { epochs?: number; lr?: number } | null;
   log?: (line: string) => void;
@@ -135,10 +146,10 @@ export async function quantizeSequential(
   const log = opts.log ?? ((l: string) => console.error(l));
   const seqLen = Math.max(...seqs.map((s) => s.length));
   const runner = BlockRunner.create(gpu, c, seqLen);
-  const layers: LayerReport[] = [];
-  const blocks: BlockReport[] = [];
-  let inputs = await embedInputs(ckpt, seqs);
-  for (let l = 0; l < c.nLayers; l++) {
+  const layers: LayerReport[] = [...opts.start?.layers ?? []];
+  const blocks: BlockReport[] = [...opts.start?.blocks ?? []];
+  let inputs = opts.start?.inputs ?? await embedInputs(ckpt, seqs);
+  for (let l = opts.start?.block ?? 0; l < c.nLayers; l++) {
     await runner.loadLayer(ckpt, l);
     // the float block's output on the same inputs: stage 2's target
     const targets = opts.stage2 ? await runner.run(inputs, CAPTURE.output) : [];
@@ -197,6 +208,7 @@ export async function quantizeSequential(
     await sink.norm(T.attnNorm(l), attnNorm);
     await sink.norm(T.ffnNorm(l), ffnNorm);
     inputs = await runner.run(inputs, CAPTURE.output);
+    await opts.onBlockDone?.(l + 1, inputs, { layers, blocks });
   }
   if (opts.quantizeHead) {
     const name = T.lmHead, [N, K] = [c.vocabSize, c.dim];

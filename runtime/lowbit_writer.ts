@@ -43,6 +43,8 @@ export interface LowbitWriter {
   writeTensor(name: string, data: Float32Array | PackedTensor): Promise<void>;
   /** Closes the file; throws (and deletes the file) unless every tensor was written. */
   close(): Promise<void>;
+  /** Closes the file as it is, incomplete, for a later writer to resume (after an error). */
+  abandon(): Promise<void>;
 }
 
 /** Plain msgpack maps (no msgpackr record extension), so any msgpack library reads them. */
@@ -148,24 +150,51 @@ function asBytes(a: ArrayBufferView): Uint8Array {
 
 /**
  * Creates `path` (replacing it) with the header for `spec`; returns the writer of the tensors.
- * Throws ParameterError/ShapeError when the spec contradicts its config.
+ * With `resume`, continues a file an interrupted writer left: its header must be the one `spec`
+ * gives, and the tensors named in `resume` count as written. Throws ParameterError/ShapeError
+ * when the spec contradicts its config (or the file to resume).
  */
-export async function createLowbitWriter(path: string, spec: LowbitSpec): Promise<LowbitWriter> {
+export async function createLowbitWriter(
+  path: string,
+  spec: LowbitSpec,
+  opts: { resume?: string[] } = {},
+): Promise<LowbitWriter> {
   checkSpec(path, spec);
   const { bytes, header } = encodeHeader(spec);
   const entries = new Map(header.tensors.map((e) => [e.name, e]));
   const last = header.tensors.at(-1);
   const fileSize = last ? (last.szOffset ?? last.offset) + (last.szBytes ?? last.bytes) : 0;
-  const file = await Deno.open(path, { write: true, create: true, truncate: true });
   const written = new Set<string>();
   let queue: Promise<unknown> = Promise.resolve();
   let closed = false;
-  try {
-    await writeAt(file, 0, bytes);
-    await file.truncate(Math.max(fileSize, bytes.length)); // gaps between tensors read as zeros
-  } catch (e) {
-    file.close();
-    throw e;
+  let file: Deno.FsFile;
+  if (opts.resume) {
+    for (const name of opts.resume) {
+      if (!entries.has(name)) throw new ParameterError(`${path}: cannot resume: no tensor ${name}`);
+      written.add(name);
+    }
+    file = await Deno.open(path, { read: true, write: true }).catch(() => {
+      throw new ParameterError(`${path}: cannot resume: the file cannot be opened`);
+    });
+    const old = new Uint8Array(bytes.length);
+    let got = 0;
+    for (let n: number | null = 0; n !== null && got < old.length; got += n ?? 0) {
+      n = await file.read(old.subarray(got));
+    }
+    const size = (await file.stat()).size;
+    if (size !== Math.max(fileSize, bytes.length) || !bytes.every((b, i) => old[i] === b)) {
+      file.close();
+      throw new ParameterError(`${path}: cannot resume: the file has another header or size`);
+    }
+  } else {
+    file = await Deno.open(path, { write: true, create: true, truncate: true });
+    try {
+      await writeAt(file, 0, bytes);
+      await file.truncate(Math.max(fileSize, bytes.length)); // gaps between tensors read as zeros
+    } catch (e) {
+      file.close();
+      throw e;
+    }
   }
 
   async function write(name: string, data: Float32Array | PackedTensor): Promise<void> {
@@ -215,6 +244,12 @@ export async function createLowbitWriter(path: string, spec: LowbitSpec): Promis
       const job = queue.then(() => write(name, data));
       queue = job.catch(() => {});
       return job;
+    },
+    async abandon() {
+      if (closed) return;
+      closed = true;
+      await queue;
+      file.close();
     },
     async close() {
       if (closed) return;

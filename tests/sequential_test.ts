@@ -12,7 +12,8 @@ import { BlockRunner, CAPTURE } from "../quantize/block_runner.ts";
 import { calibrationSequences } from "../quantize/calibration.ts";
 import { quantizeSequential } from "../quantize/sequential.ts";
 import { dequantize, type QuantizedLinear } from "../quantize/qtensor.ts";
-import { haveShared, maxAbsDiff, sharedPath, testGpu } from "./helpers.ts";
+import { quantizeModel } from "../quantize/quantize_model.ts";
+import { haveShared, maxAbsDiff, sharedPath, testGpu, withTempDir } from "./helpers.ts";
 
 const have = await haveShared(
   "models/stories260K-hf",
@@ -106,4 +107,49 @@ Deno.test({
     }
     ckpt.close();
   },
+});
+
+Deno.test({
+  name: "an interrupted quantization resumes at its last finished block and gives the same file",
+  ignore: !have,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const opts = {
+        model: sharedPath("models/stories260K-hf"),
+        tokenizer: sharedPath("models/stories260K/tok512.bin"),
+        method: "decoupleq",
+        bits: 2,
+        groupSize: 32,
+        iters: 2,
+        compare: false,
+        calib: {
+          path: sharedPath("data/tinystories/TinyStories-valid-sample.txt"),
+          samples: 3,
+          seqLen: 64,
+          seed: 0,
+        },
+      } as const;
+      const whole = `${dir}/whole.lowbit`, cut = `${dir}/cut.lowbit`;
+      await quantizeModel({ ...opts, out: whole, log: () => {} });
+      // stop in the middle of block 2; the file and the state of block 2's inputs remain
+      const stop = (l: string) => {
+        if (l.startsWith("layer 2 wo")) throw new Error("interrupted");
+      };
+      await assert.rejects(quantizeModel({ ...opts, out: cut, log: stop }), /interrupted/);
+      const state = JSON.parse(await Deno.readTextFile(`${cut}.resume.json`));
+      assert.equal(state.next, 2);
+      const lines: string[] = [];
+      const r = await quantizeModel({ ...opts, out: cut, resume: true, log: (l) => lines.push(l) });
+      assert.ok(lines.some((l) => l.startsWith("resuming") && l.includes("block 2 of 5")));
+      assert.ok(!lines.some((l) => l.startsWith("layer 1 ")), "blocks 0 and 1 were not redone");
+      assert.equal(r.layers.length, 35); // the reports of the first run's blocks are kept
+      assert.deepEqual(await Deno.readFile(cut), await Deno.readFile(whole));
+      await assert.rejects(Deno.stat(`${cut}.resume.json`), Deno.errors.NotFound);
+      // a state left by other settings is refused
+      await assert.rejects(quantizeModel({ ...opts, out: cut, log: stop }), /interrupted/);
+      await assert.rejects(
+        quantizeModel({ ...opts, bits: 3, out: cut, resume: true, log: () => {} }),
+        /other settings/,
+      );
+    }),
 });
