@@ -137,6 +137,10 @@ async function measure(
   ) { /* */ }
   const prefill: Record<string, number> = {}, ttftMs: Record<string, number> = {};
   for (const p of prompts) {
+    if (p >= ctx) { // does not fit the model's context
+      [ttftMs[p], prefill[p]] = [NaN, NaN];
+      continue;
+    }
     const it = generate(model, { prompt: rand(p), maxTokens: 1, sampling: GREEDY, stopIds: [] });
     let r = await it.next();
     while (!r.done) r = await it.next();
@@ -184,6 +188,9 @@ async function measure(
   };
 }
 const BATCH = 8;
+
+/** A figure with `d` decimals, or "–" where it was not measured. */
+const fix = (v: number, d: number) => (Number.isNaN(v) ? "–" : v.toFixed(d));
 
 /**
  * Decode tok/s at batch {@link BATCH}: that many sequences, each prefilled with `prompt` in its
@@ -244,7 +251,7 @@ export async function benchLatency(args: string[]): Promise<void> {
       rows.push(r);
       console.log(
         `${shape} ${format}: prefill ${
-          prompts.map((p) => `${p}:${r.prefill[p].toFixed(1)}`).join(" ")
+          prompts.map((p) => `${p}:${fix(r.prefill[p], 1)}`).join(" ")
         } tok/s, ` +
           `decode ${r.decode1.toFixed(1)} tok/s (batch 8: ${r.decode8.toFixed(1)}), step ${
             r.stepGpuMs.toFixed(2)
@@ -266,7 +273,7 @@ export async function benchLatency(args: string[]): Promise<void> {
   const body = rows.map((r) => [
     r.shape,
     r.format,
-    ...prompts.flatMap((p) => [r.prefill[p].toFixed(1), r.ttftMs[p].toFixed(0)]),
+    ...prompts.flatMap((p) => [fix(r.prefill[p], 1), fix(r.ttftMs[p], 0)]),
     r.decode1.toFixed(1),
     r.decode8.toFixed(1),
     r.stepGpuMs.toFixed(2),

@@ -5,6 +5,7 @@
 import { runMain } from "../runtime/cli.ts";
 import { ParameterError } from "../runtime/errors.ts";
 import { benchDecode } from "./decode.ts";
+import { benchKernels } from "./kernels.ts";
 import { benchLoad } from "./load.ts";
 import { benchProfile } from "./profile.ts";
 import { benchQuality } from "./quality.ts";
@@ -14,6 +15,7 @@ import { benchServe } from "./serve.ts";
 
 const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   decode: benchDecode,
+  kernels: benchKernels,
   load: benchLoad,
   quality: benchQuality,
   "quantize-1b": benchQuantize1b,

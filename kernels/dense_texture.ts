@@ -54,10 +54,11 @@ function check(c: DenseTexCore): void {
   if (!Number.isInteger(c.upt) || c.upt < 1 || c.upw % c.upt !== 0) {
     throw new ParameterError(`dense texture kernels: bad shape upw = ${c.upw}, upt = ${c.upt}`);
   }
-  if (c.xUniform && (c.dynamicTokens || c.K * c.batch * 4 > 65536)) {
+  // (with dynamicTokens the grid must then hold one token group: ntok ≤ batch)
+  if (c.xUniform && c.K * c.batch * 4 > 65536) {
     throw new ParameterError(
       `dense texture kernels: x as a uniform buffer needs batch·K·4 ≤ 65536 (K = ${c.K}, ` +
-        `batch = ${c.batch}) and a decode kernel`,
+        `batch = ${c.batch})`,
     );
   }
 }

@@ -36,6 +36,11 @@ export interface MatmulVariant {
   upt?: number;
   upw?: number;
   tt?: number;
+  /**
+   * Texture weights: bind x as a uniform buffer of tt tokens (default false); needs
+   * tt·K·4 ≤ 65536 and steps of at most tt tokens, as in a batched decode step.
+   */
+  xUniform?: boolean;
 }
 
 function texCore(v: MatmulVariant): DenseTexCore {
@@ -49,14 +54,18 @@ function texCore(v: MatmulVariant): DenseTexCore {
     upt: v.upt ?? 4,
     batch: v.tt ?? 4,
     dynamicTokens: true,
-    xUniform: false,
+    xUniform: v.xUniform ?? false,
   };
 }
 
-/** Thread shape of the texture variant on CPU adapters. */
-export function matmulShape(epilogue: Epilogue): { upt: number; upw: number; tt: number } {
-  const upt = isPair(epilogue) ? 4 : 8;
-  return { upt, upw: 8 * upt, tt: 4 };
+/**
+ * Thread shape of the texture variant on CPU adapters: 8 units × 4 tokens per thread, or with
+ * `tt` = 8 (a batched decode step in one token group) 4 units × 8 tokens.
+ */
+export function matmulShape(epilogue: Epilogue, tt = 4): { upt: number; upw: number; tt: number } {
+  const rows = tt > 4 ? 4 : 8;
+  const upt = isPair(epilogue) ? rows / 2 : rows;
+  return { upt, upw: 8 * upt, tt };
 }
 
 const WG = 64; // units per workgroup, one per thread

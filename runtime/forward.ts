@@ -172,10 +172,11 @@ export class Builder {
 
   /** epilogue(W · x[t]) for each of the step's tokens. */
   matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
+    const tt = this.rowsPerStep;
+    const s = this.state as unknown as Buffers;
+    const x = tt && W.weights === "texture" ? this.uniform(bufs.x ?? s.x, tt * W.K * 4) : null;
+    const xb: Buffers = x ? { x } : {};
     if (W.format === "q") {
-      const tt = this.rowsPerStep;
-      const s = this.state as unknown as Buffers;
-      const x = tt && W.weights === "texture" ? this.uniform(bufs.x ?? s.x, tt * W.K * 4) : null;
       return W.chunks.map((c) => {
         const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
         const v = {
@@ -189,7 +190,7 @@ export class Builder {
           ...matmulQShape(this.gpu, e, tt),
         };
         const pipeline = matmulQPipeline(this.gpu, v);
-        const bufs2 = { ...bufs, ...(x ? { x } : {}), qweight: c.qweight, sz: c.sz };
+        const bufs2 = { ...bufs, ...xb, qweight: c.qweight, sz: c.sz };
         const bindGroup = this.bind(pipeline, matmulQBindings(v), bufs2, label);
         return { pipeline, bindGroup, grid: (n: number) => matmulQGrid(v, n) };
       });
@@ -202,10 +203,16 @@ export class Builder {
         K: W.K,
         epilogue: e,
         weights: W.weights,
-        ...(W.weights === "texture" ? matmulShape(e) : {}),
+        xUniform: x !== null,
+        ...(W.weights === "texture" ? matmulShape(e, tt) : {}),
       };
       const pipeline = matmulPipeline(this.gpu, v);
-      const bindGroup = this.bind(pipeline, matmulBindings(v), { ...bufs, w: c.data }, label);
+      const bindGroup = this.bind(
+        pipeline,
+        matmulBindings(v),
+        { ...bufs, ...xb, w: c.data },
+        label,
+      );
       return { pipeline, bindGroup, grid: (n: number) => matmulGrid(v, n) };
     });
   }
@@ -340,8 +347,10 @@ export function buildDecodeRows(
   w: GpuWeights,
   s: RunState,
   rows: number,
+  out: GPUBuffer,
 ): Dispatch[] {
-  return layersPlan(new Builder(gpu, s, rows), c, w);
+  const b = new Builder(gpu, s, rows);
+  return [...layersPlan(b, c, w), ...logitsPlan(b, c, w, out)];
 }
 
 /**
@@ -377,7 +386,12 @@ export function buildAllLogits(
   s: RunState,
   out: GPUBuffer,
 ): Dispatch[] {
-  const b = new Builder(gpu, s);
+  return logitsPlan(new Builder(gpu, s), c, w, out);
+}
+
+/** The final norm and the logits of every token of the step into `out` (ntok, vocab). */
+function logitsPlan(b: Builder, c: ModelConfig, w: GpuWeights, out: GPUBuffer): Dispatch[] {
+  const s = b.state;
   const logits: Epilogue = { kind: "store", offset: 0, ld: c.vocabSize };
   return [
     b.rmsnorm(c.dim, c.normEps, { x: s.x, g: w.norm, y: s.xn }),

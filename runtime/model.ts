@@ -53,7 +53,7 @@ export interface BatchRow {
 export class GpuModel {
   readonly plan: ForwardPlan;
   private allLogits: { buffer: GPUBuffer; plan: Dispatch[]; sampleRows: Dispatch } | null = null;
-  /** decodeBatch's body for up to {@link BATCH_ROWS} rows (built on first use). */
+  /** decodeBatch's layers and logits for up to {@link BATCH_ROWS} rows (built on first use). */
   private rowsPlan: Dispatch[] | null = null;
 
   private constructor(
@@ -236,10 +236,13 @@ export class GpuModel {
         this.weights,
         this.state,
         BATCH_ROWS,
+        head.buffer,
       );
       encodeDispatches(pass, this.rowsPlan, B);
-    } else encodeDispatches(pass, this.plan.prefill, B);
-    encodeDispatches(pass, head.plan, B);
+    } else {
+      encodeDispatches(pass, this.plan.prefill, B);
+      encodeDispatches(pass, head.plan, B);
+    }
     encodeDispatches(pass, [head.sampleRows], B);
     pass.end();
     extra?.(enc);

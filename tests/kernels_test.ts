@@ -305,7 +305,8 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
   const kvTex = c.kv === "texture";
   const bufs: Record<string, Bindable> = {
     step: h.step({ pos: c.pos, ntok: T, rows: c.slots ? caseRows(c) : undefined }),
-    x: c.xUniform ? h.uniform(x, K * 4, "x") : h.buffer(x),
+    // a matmul's uniform x holds tt tokens (a batched decode step: ntok ≤ tt)
+    x: c.xUniform ? h.uniform(x, (c.op === "matmul" ? c.tt! : 1) * K * 4, "x") : h.buffer(x),
     g: c.xUniform ? h.uniform(g, K * 4, "g") : h.buffer(g),
   };
   for (const [name, a] of Object.entries(extra)) bufs[name] = h.buffer(a);
@@ -341,7 +342,9 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
       rows: n,
       K,
       epilogue: e,
-      ...(tex ? { weights: "texture", upt: c.upt, upw: c.upw, tt: c.tt } : {}),
+      ...(tex
+        ? { weights: "texture", upt: c.upt, upw: c.upw, tt: c.tt, xUniform: c.xUniform }
+        : {}),
     };
     return {
       pipeline: matmulPipeline(gpu, v),
@@ -492,7 +495,10 @@ for (const format of FORMATS) {
     let seed = 1200;
     for (const epi of TEX_EPIS) {
       for (const ntok of [1, 3, 8, 13]) {
-        const shape = ntok % 2 ? { upt: 2, upw: 16, tt: 4 } : { upt: 1, upw: 8, tt: 8 };
+        // ntok 8 in one token group, x as a uniform buffer: the batched decode step's kernel
+        const shape = ntok % 2
+          ? { upt: 2, upw: 16, tt: 4 }
+          : { upt: 1, upw: 8, tt: 8, xUniform: ntok === 8 };
         await runLinear(h, {
           op: "matmul",
           format,
