@@ -77,8 +77,8 @@ function spread<S extends { tpr: number; upw: number; upt?: number }>(
 export class Builder {
   /**
    * `rowsPerStep`: build for steps of at most this many tokens (a batched decode step): the
-   * quantized matrix kernels then take them all in one token group, x bound as a uniform buffer
-   * where it fits.
+   * matrix kernels then take them all in one token group, and on CPU adapters bind x as a
+   * uniform buffer where it fits.
    */
   constructor(readonly gpu: Gpu, readonly state: RunState, readonly rowsPerStep?: number) {}
 
@@ -337,9 +337,9 @@ function layersPlan(b: Builder, c: ModelConfig, w: GpuWeights): Dispatch[] {
 }
 
 /**
- * The body of a batched decode step of up to `rows` (≤ 8) sequences: the prefill's dispatches,
- * with the quantized matrix kernels taking every row in one token group, so that each weight is
- * read once per step (the batched matrix-vector product of continuous batching).
+ * A batched decode step of up to `rows` (≤ 8) sequences, up to the logits of every row in `out`:
+ * the prefill's dispatches with the matrix kernels taking every row in one token group, so that
+ * each weight is read once per step (the batched matrix-vector product of continuous batching).
  */
 export function buildDecodeRows(
   gpu: Gpu,
