@@ -91,7 +91,10 @@ export async function* generate(
   let finishReason: GenerateStats["finishReason"] = "length";
   try {
     outer: while (true) {
-      while (reads.length < inflight && scheduled < maxNew) {
+      // decode steps are scheduled once the first token is back: queued behind the prefill they
+      // would delay its read-back (and the time to first token) on adapters that resolve
+      // mapAsync only when the queue is idle
+      while (tFirst > 0 && reads.length < inflight && scheduled < maxNew) {
         const count = Math.min(batch, maxNew - scheduled);
         for (let j = 0; j < count; j++) {
           model.decode(
