@@ -28,9 +28,10 @@
  * 32-value block when tpr > 1 (scales loaded per block, so any group size spreads over threads).
  *
  * Sources (lavapipe fast paths, opt-in; the buffers keep the FORMAT.md layout):
- * - weights "texture": qweight and sz are read with textureLoad from 2D textures of width
- *   {@link Q_TEX_WIDTH} (see {@link createQTextures}), ~8× cheaper per load than storage buffers
- *   on lavapipe.
+ * - weights "texture" (tpr = 1): qweight and sz are re-laid into rgba32uint textures of width
+ *   {@link Q_TEX_WIDTH} ({@link qTexLayout}, {@link createQTextures}) and read 128 bits per
+ *   textureLoad, ~8× cheaper per load than storage buffers on lavapipe; the loop
+ *   ({@link textureLoop}) takes 1, 2 or 4 blocks (4, 2, 3 bits) per load of codes.
  * - xUniform: x (and g) are bound as uniform buffers (batch·K·4 ≤ 64 KiB), which lavapipe loads
  *   with one broadcast instead of a per-lane loop.
  */
