@@ -216,7 +216,9 @@ class ResumeState {
         `${this.json} is the state of a run with other settings; remove it to start over`,
       );
     }
-    const bytes = await Deno.readFile(this.bin);
+    const bytes = await Deno.readFile(this.bin).catch(() => {
+      throw new ParameterError(`${this.bin} is missing; remove ${this.json} to start over`);
+    });
     const inputs = (seqs: number[][], dim: number) => {
       const need = seqs.reduce((n, q) => n + q.length, 0) * dim * 4;
       if (bytes.length !== need) {
