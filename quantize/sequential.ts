@@ -168,8 +168,7 @@ export async function quantizeSequential(
         runner.setLinear(key, Float32Array.from(dequantize(ql, new Float64Array(N * K))));
         qls[key as LinearKey] = ql;
         layers.push({ layer: l, name, N, K, ms, loss });
-        const fmt = Object.entries(loss).map(([m, v]) => `${m} ${v!.toExponential(3)}`).join(", ");
-        log(`layer ${l} ${key} (${N}×${K}): relative loss ${fmt} (${ms.toFixed(0)} ms)`);
+        log(`layer ${l} ${key} (${N}×${K}): relative loss ${lossText(loss)} (${ms.toFixed(0)} ms)`);
       }
       hessian.free();
     }
@@ -221,10 +220,14 @@ export async function quantizeSequential(
     hessian.free();
     await sink.linear(name, ql);
     layers.push({ layer: c.nLayers, name, N, K, ms, loss });
-    const fmt = Object.entries(loss).map(([m, v]) => `${m} ${v!.toExponential(3)}`).join(", ");
-    log(`lm_head (${N}×${K}): relative loss ${fmt} (${ms.toFixed(0)} ms)`);
+    log(`lm_head (${N}×${K}): relative loss ${lossText(loss)} (${ms.toFixed(0)} ms)`);
   }
   return { layers, blocks };
+}
+
+/** "rtn 1.234e-2, gptq ..." for a layer report's losses. */
+function lossText(loss: LayerReport["loss"]): string {
+  return Object.entries(loss).map(([m, v]) => `${m} ${v!.toExponential(3)}`).join(", ");
 }
 
 /** RMSNorm of each row of x (T, K) with weight g: the logits layer's input. */
