@@ -108,6 +108,7 @@ async function emptySubmit(gpu: Gpu): Promise<number> {
   }
   return ts.sort((a, b) => a - b)[3];
 }
+
 export async function benchKernels(args: string[]): Promise<void> {
   const { values } = parseArgs({
     args,

@@ -18,9 +18,9 @@ import { generate } from "../runtime/generate.ts";
 import type { ModelConfig } from "../runtime/config.ts";
 import type { Bits } from "../quantize/qtensor.ts";
 import {
+  cachedSyntheticCheckpoint,
   llama32_1bLikeConfig,
   smolLm2_135mConfig,
-  writeSyntheticHfCheckpoint,
 } from "../tests/synthetic.ts";
 import { writeSyntheticLowbit } from "./synthetic_lowbit.ts";
 import { ceilings } from "./ceilings.ts";
@@ -96,11 +96,11 @@ async function modelPath(shape: string, format: string): Promise<string> {
     return path;
   }
   await Deno.mkdir(CACHE, { recursive: true });
-  const path = q ? `${CACHE}/${shape}-${format}.lowbit` : `${CACHE}/${shape}-f16`;
+  if (!q) return await cachedSyntheticCheckpoint(`${CACHE}/${shape}-f16`, c);
+  const path = `${CACHE}/${shape}-${format}.lowbit`;
   if (!(await Deno.stat(path).then(() => true, () => false))) {
     console.error(`writing ${path} (once)...`);
-    if (q) await writeSyntheticLowbit(path, c, q.bits, q.groupSize, q.head);
-    else await writeSyntheticHfCheckpoint(path, c, { dtype: "F16", shards: 1, seed: 1 });
+    await writeSyntheticLowbit(path, c, q.bits, q.groupSize, q.head);
   }
   return path;
 }

@@ -8,7 +8,7 @@ import { parseArgs } from "node:util";
 import { openCheckpoint } from "../runtime/open_checkpoint.ts";
 import { GpuModel } from "../runtime/model.ts";
 import { createGpu } from "../kernels/gpu.ts";
-import { llama32_1bLikeConfig, writeSyntheticHfCheckpoint } from "../tests/synthetic.ts";
+import { cachedSyntheticCheckpoint, llama32_1bLikeConfig } from "../tests/synthetic.ts";
 import { peakRss, recordResults, table, today } from "./results.ts";
 
 const MB = 1 << 20;
@@ -43,16 +43,7 @@ export async function benchLoad(args: string[]): Promise<void> {
     },
   });
   if (values.child) return await child(values.child);
-  const dir = values.dir!;
-  const have = await Deno.stat(`${dir}/config.json`).then(() => true, () => false);
-  if (!have) {
-    console.error(`writing a synthetic 1B F16 checkpoint to ${dir} (once)...`);
-    await writeSyntheticHfCheckpoint(dir, llama32_1bLikeConfig, {
-      dtype: "F16",
-      shards: 2,
-      seed: 1,
-    });
-  }
+  const dir = await cachedSyntheticCheckpoint(values.dir!, llama32_1bLikeConfig, 2);
   const fileBytes = await dirBytes(dir);
   const cmd = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", new URL("./main.ts", import.meta.url).pathname, "load", "--child", dir],

@@ -10,7 +10,7 @@ import { parseArgs } from "node:util";
 import { quantizeModel } from "../quantize/quantize_model.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { intOption } from "../runtime/cli.ts";
-import { llama32_1bLikeConfig, writeSyntheticHfCheckpoint } from "../tests/synthetic.ts";
+import { cachedSyntheticCheckpoint, llama32_1bLikeConfig } from "../tests/synthetic.ts";
 import { peakRss, recordResults, table, today } from "./results.ts";
 
 const SHARED = new URL("../../shared/", import.meta.url).pathname;
@@ -77,11 +77,11 @@ export async function benchQuantize1b(args: string[]): Promise<void> {
   const dir = `${values.cache}/llama-1b${full ? "" : `-L${s.layers}`}-f16`;
   const out = `${values.cache}/llama-1b-L${s.layers}-w${s.bits}g${s.groupSize}.lowbit`;
   if (values.child) return await child(dir, out, s);
-  if (!await Deno.stat(`${dir}/config.json`).then(() => true, () => false)) {
-    console.error(`writing a synthetic ${s.layers}-layer 1B-shaped F16 checkpoint to ${dir}...`);
-    const config = { ...llama32_1bLikeConfig, nLayers: s.layers };
-    await writeSyntheticHfCheckpoint(dir, config, { dtype: "F16", shards: full ? 2 : 1, seed: 1 });
-  }
+  await cachedSyntheticCheckpoint(
+    dir,
+    { ...llama32_1bLikeConfig, nLayers: s.layers },
+    full ? 2 : 1,
+  );
   const cmd = new Deno.Command(Deno.execPath(), {
     args: [
       "run",

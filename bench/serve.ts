@@ -10,17 +10,14 @@ import { parseArgs } from "node:util";
 import { loadModel } from "../runtime/load.ts";
 import { Engine } from "../runtime/engine.ts";
 import { startServer } from "../server.ts";
-import { smolLm2_135mConfig, writeSyntheticHfCheckpoint } from "../tests/synthetic.ts";
+import { cachedSyntheticCheckpoint, smolLm2_135mConfig } from "../tests/synthetic.ts";
 import { recordResults, table, today } from "./results.ts";
 
 const SHARED = new URL("../../shared/", import.meta.url).pathname;
 
 async function modelPaths(name: string): Promise<{ path: string; tokenizer?: string }> {
   if (name === "stories") return { path: `${SHARED}models/stories260K-hf` };
-  const dir = "/tmp/lowbit-bench/smollm-f16";
-  if (!(await Deno.stat(`${dir}/config.json`).then(() => true, () => false))) {
-    await writeSyntheticHfCheckpoint(dir, smolLm2_135mConfig, { dtype: "F16", shards: 1, seed: 1 });
-  }
+  const dir = await cachedSyntheticCheckpoint("/tmp/lowbit-bench/smollm-f16", smolLm2_135mConfig);
   return { path: dir, tokenizer: `${SHARED}data/novels/tokenizer/tokenizer.json` };
 }
 

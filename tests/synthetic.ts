@@ -228,6 +228,22 @@ function shardGroups<T extends { bytes: number }>(items: T[], shards: number): T
 }
 
 /**
+ * `dir` holding a synthetic F16 checkpoint of `config` (seed 1), written on first use (with a
+ * note on stderr) and reused while its config.json exists: the benchmarks' model cache.
+ */
+export async function cachedSyntheticCheckpoint(
+  dir: string,
+  config: Partial<ModelConfig>,
+  shards = 1,
+): Promise<string> {
+  if (!(await Deno.stat(`${dir}/config.json`).then(() => true, () => false))) {
+    console.error(`writing a synthetic F16 checkpoint to ${dir} (once)...`);
+    await writeSyntheticHfCheckpoint(dir, config, { dtype: "F16", shards, seed: 1 });
+  }
+  return dir;
+}
+
+/**
  * Writes `dir/config.json` and seeded random weights for `syntheticConfig(config)` as
  * safetensors (`model.safetensors`, or `model-0000k-of-0000n.safetensors` + index when
  * shards > 1). Returns the full config.
