@@ -89,8 +89,8 @@ export function decoupleQ(
   const Hdiag = diagonal(H, K);
 
   const cur = minMaxScaleZero(W, N, K, bits, G);
-  const q = gptqRound(W, N, K, bits, G, cur, plan, opts.blocksize);
-  const rowLoss = lsq.step(q, cur).lossIn;
+  const rowLoss = new Float64Array(N); // GPTQ's loss comes with its rounding
+  const q = gptqRound(W, N, K, bits, G, cur, plan, opts.blocksize, rowLoss);
   const sum = (a: Float64Array) => a.reduce((x, y) => x + y, 0);
   const history: DecoupleQStep[] = [
     { iter: 0, lossAfterInteger: sum(rowLoss), loss: sum(rowLoss), improvedRows: N },

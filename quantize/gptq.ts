@@ -62,6 +62,9 @@ export function gptqPlan(H: Float64Array, K: number, actorder = true): GptqPlan 
  * immediately inside the current block of `blocksize` columns, and as one lazy update for the
  * columns after the block (gptq.py's `W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`). Rows are
  * independent and processed in chunks of 16 so that each row of U is read once per chunk.
+ *
+ * With `rowLoss` (N), each row's loss (Ŵ_n − W_n)·H·(Ŵ_n − W_n)ᵀ is written there, for free: the
+ * final error is W − Ŵ = e·U with e the scaled errors above, and U·H·Uᵀ = I, so the loss is |e|².
  */
 export function gptqRound(
   W: Float32Array | Float64Array,
@@ -72,6 +75,7 @@ export function gptqRound(
   sz: ScaleZero,
   plan: GptqPlan,
   blocksize = 128,
+  rowLoss?: Float64Array,
 ): Int8Array {
   checkBits(bits);
   const Ge = effectiveGroupSize(K, G), nG = nGroups(K, G);
@@ -84,6 +88,9 @@ export function gptqRound(
   if (!Number.isInteger(blocksize) || blocksize < 1) {
     throw new ParameterError(`gptqRound: blocksize must be a positive integer, got ${blocksize}`);
   }
+  if (rowLoss && rowLoss.length !== N) {
+    throw new ShapeError(`gptqRound: rowLoss has ${rowLoss.length} entries, expected ${N}`);
+  }
   const { qmin, qmax } = qRange(bits);
   const { order, Hinv: U } = plan;
   const { scale, zero } = sz;
@@ -93,9 +100,11 @@ export function gptqRound(
   const Q = new Int8Array(N * K); // (N, K)
   const Wc = new Float64Array(ROW_CHUNK * K); // rows n0.. of W[:, order]  (R, K)
   const Err1 = new Float64Array(ROW_CHUNK * B); // (R, B)
+  const loss = new Float64Array(ROW_CHUNK); // Σ err² of the chunk's rows
 
   for (let n0 = 0; n0 < N; n0 += ROW_CHUNK) {
     const R = Math.min(ROW_CHUNK, N - n0);
+    loss.fill(0);
     for (let r = 0; r < R; r++) {
       const src = (n0 + r) * K;
       for (let i = 0; i < K; i++) Wc[r * K + i] = W[src + order[i]];
@@ -112,11 +121,13 @@ export function gptqRound(
           const err = (w - (s * q + z)) / d;
           Err1[r * B + i - i1] = err;
           if (err === 0) continue;
+          loss[r] += err * err;
           for (let j = i + 1; j < i2; j++) Wc[wr + j] -= err * U[ui + j];
         }
       }
       if (i2 < K) lazyUpdate(Wc, R, K, U, Err1, B, i1, i2);
     }
+    if (rowLoss) rowLoss.set(loss.subarray(0, R), n0);
   }
   return Q;
 }

@@ -16,6 +16,14 @@ import { solveSymmetric } from "./linalg.ts";
 import { effectiveGroupSize, nGroups } from "./qtensor.ts";
 import type { ScaleZero } from "./rtn.ts";
 
+/**
+ * Rows of W or q processed together by default, a multiple of 4 with RB·K f64 ≈ 2 MiB (in the
+ * L2/L3 cache), so that H (K² f64, 32 MiB at K = 2048) is streamed once per RB rows, not per 4.
+ */
+function defaultRowBlock(K: number): number {
+  return Math.max(4, Math.min(128, Math.floor((1 << 18) / K / 4) * 4));
+}
+
 /** Float-step solver for one layer: W (N, K), H (K, K), groups of G columns. */
 export class ScaleZeroLsq {
   readonly nG: number;
@@ -34,9 +42,16 @@ export class ScaleZeroLsq {
     readonly K: number,
     private readonly H: Float64Array,
     G: number,
+    /** Rows per pass over H (a multiple of 4); the default keeps a block in cache. */
+    private readonly rowBlock = defaultRowBlock(K),
   ) {
     if (W.length !== N * K || H.length !== K * K) {
       throw new ShapeError(`ScaleZeroLsq: W ${W.length}, H ${H.length} entries; (${N}, ${K})`);
+    }
+    if (!Number.isInteger(rowBlock) || rowBlock < 4 || rowBlock % 4 !== 0) {
+      throw new ShapeError(
+        `ScaleZeroLsq: rowBlock must be a positive multiple of 4, got ${rowBlock}`,
+      );
     }
     const Ge = this.Ge = effectiveGroupSize(K, G);
     const nG = this.nG = nGroups(K, G);
@@ -52,20 +67,37 @@ export class ScaleZeroLsq {
     }
     const HW = this.HW = new Float64Array(N * K);
     const wHw = this.wHw = new Float64Array(N), Bz = this.Bz = new Float64Array(N * nG);
-    // Rows of W·H, four at a time: HW[n, :] = Σ_j W[n, j]·H[j, :] (H symmetric), as axpys.
-    for (let n0 = 0; n0 < N; n0 += 4) {
-      const nb = Math.min(4, N - n0);
-      const o0 = n0 * K, o1 = nb > 1 ? o0 + K : o0, o2 = nb > 2 ? o0 + 2 * K : o0;
-      const o3 = nb > 3 ? o0 + 3 * K : o0;
-      for (let j = 0; j < K; j++) {
-        const a0 = W[o0 + j], a1 = nb > 1 ? W[o1 + j] : 0, a2 = nb > 2 ? W[o2 + j] : 0;
-        const a3 = nb > 3 ? W[o3 + j] : 0, rj = j * K;
-        for (let i = 0; i < K; i++) {
-          const h = H[rj + i];
-          HW[o0 + i] += a0 * h;
-          HW[o1 + i] += a1 * h;
-          HW[o2 + i] += a2 * h;
-          HW[o3 + i] += a3 * h;
+    // Rows of W·H as dot products HW[n, i] = W[n, :]·H[i, :] (H symmetric), a block of rows
+    // of W (kept in cache) against each pair of rows of H, so H is streamed once per block.
+    const RB = rowBlock, wf = new Float64Array(RB * K); // (RB, K), zero past N
+    for (let n0 = 0; n0 < N; n0 += RB) {
+      const R = Math.min(RB, N - n0);
+      wf.fill(0);
+      for (let r = 0; r < R; r++) {
+        for (let j = 0; j < K; j++) wf[r * K + j] = W[(n0 + r) * K + j];
+      }
+      for (let i = 0; i < K; i += 2) {
+        const ra = i * K, rb = i + 1 < K ? ra + K : ra;
+        for (let r0 = 0; r0 < R; r0 += 4) {
+          const x0 = r0 * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
+          let a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+          for (let j = 0; j < K; j++) {
+            const ha = H[ra + j], hb = H[rb + j];
+            const w0 = wf[x0 + j], w1 = wf[x1 + j], w2 = wf[x2 + j], w3 = wf[x3 + j];
+            a0 += w0 * ha;
+            a1 += w1 * ha;
+            a2 += w2 * ha;
+            a3 += w3 * ha;
+            b0 += w0 * hb;
+            b1 += w1 * hb;
+            b2 += w2 * hb;
+            b3 += w3 * hb;
+          }
+          for (let r = r0; r < Math.min(R, r0 + 4); r++) {
+            const o = (n0 + r) * K + i, d = r - r0;
+            HW[o] = d === 0 ? a0 : d === 1 ? a1 : d === 2 ? a2 : a3;
+            if (i + 1 < K) HW[o + 1] = d === 0 ? b0 : d === 1 ? b1 : d === 2 ? b2 : b3;
+          }
         }
       }
     }
@@ -82,78 +114,102 @@ export class ScaleZeroLsq {
    * Normal equations of rows n0..n0+R−1 for codes q (N, K): M (R, m, m) and b (R, m).
    */
   normalEquations(q: Int8Array, n0: number, R: number, M: Float64Array, b: Float64Array): void {
-    const { m } = this;
-    const rows = Int32Array.from({ length: R }, (_, r) => n0 + r);
-    const q4 = new Float64Array(4 * this.K);
-    for (let c = 0; c < R; c += 4) {
-      const nb = Math.min(4, R - c);
-      this.equations4(q, rows, c, nb, q4, M.subarray(c * m * m), b.subarray(c * m));
+    const { m, nG } = this;
+    const RB = this.rowBlock, qf = new Float64Array(RB * this.K);
+    const S = new Float64Array(RB * nG * nG);
+    for (let c = 0; c < R; c += RB) {
+      const nb = Math.min(RB, R - c);
+      this.blockS(q, n0 + c, nb, qf, S);
+      for (let r = 0; r < nb; r++) {
+        const k = c + r;
+        this.rowEquations(q, n0 + k, n0 + k, S, r, M.subarray(k * m * m), b.subarray(k * m));
+      }
     }
   }
 
   /**
-   * Normal equations of up to four rows: codes at rows c..c+nb−1 of q (·, K), whose original
-   * rows (for W·H) are rows[c..]. M (nb, m, m), b (nb, m); q4 is a (4, K) scratch.
+   * The upper block triangle of S for rows c..c+R−1 of q (·, K): S (R, nG, nG). qf is an
+   * (RB, K) scratch. For each pair of columns i of one group (two rows of H, kept in cache),
+   * four rows of q at a time: S[g, h] += q_i·Σ_{j∈h} H_ij q_j for h ≥ g.
    */
-  private equations4(
+  private blockS(q: Int8Array, c: number, R: number, qf: Float64Array, S: Float64Array): void {
+    const { K, H, Ge, nG } = this;
+    const nG2 = nG * nG;
+    qf.fill(0);
+    for (let r = 0; r < R; r++) {
+      for (let k = 0; k < K; k++) qf[r * K + k] = q[(c + r) * K + k];
+    }
+    S.fill(0, 0, Math.ceil(R / 4) * 4 * nG2);
+    for (let i = 0; i < K; i++) {
+      const gi = Math.floor(i / Ge), ri = i * K;
+      const pair = i + 1 < K && Math.floor((i + 1) / Ge) === gi;
+      const rc = pair ? ri + K : ri, i1 = pair ? i + 1 : i;
+      for (let r0 = 0; r0 < R; r0 += 4) {
+        const x0 = r0 * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
+        const a0 = qf[x0 + i], a1 = qf[x1 + i], a2 = qf[x2 + i], a3 = qf[x3 + i];
+        const c0 = pair ? qf[x0 + i1] : 0, c1 = pair ? qf[x1 + i1] : 0;
+        const c2 = pair ? qf[x2 + i1] : 0, c3 = pair ? qf[x3 + i1] : 0;
+        if (
+          a0 === 0 && a1 === 0 && a2 === 0 && a3 === 0 && c0 === 0 && c1 === 0 && c2 === 0 &&
+          c3 === 0
+        ) continue;
+        const s0 = r0 * nG2 + gi * nG, s1 = s0 + nG2, s2 = s1 + nG2, s3 = s2 + nG2;
+        for (let h = gi; h < nG; h++) {
+          const j2 = Math.min(K, (h + 1) * Ge);
+          let t0 = 0, t1 = 0, t2 = 0, t3 = 0, u0 = 0, u1 = 0, u2 = 0, u3 = 0;
+          for (let j = h * Ge; j < j2; j++) {
+            const ha = H[ri + j], hc = H[rc + j];
+            const y0 = qf[x0 + j], y1 = qf[x1 + j], y2 = qf[x2 + j], y3 = qf[x3 + j];
+            t0 += ha * y0;
+            t1 += ha * y1;
+            t2 += ha * y2;
+            t3 += ha * y3;
+            u0 += hc * y0;
+            u1 += hc * y1;
+            u2 += hc * y2;
+            u3 += hc * y3;
+          }
+          S[s0 + h] += a0 * t0 + c0 * u0;
+          S[s1 + h] += a1 * t1 + c1 * u1;
+          S[s2 + h] += a2 * t2 + c2 * u2;
+          S[s3 + h] += a3 * t3 + c3 * u3;
+        }
+      }
+      if (pair) i++;
+    }
+  }
+
+  /**
+   * Normal equations M (m, m), b (m) of one row: codes at row k of q (·, K), layer row n (for
+   * W·H), its S block at row r of S (·, nG, nG) from {@link blockS}.
+   */
+  private rowEquations(
     q: Int8Array,
-    rows: ArrayLike<number>,
-    c: number,
-    nb: number,
-    q4: Float64Array,
+    k: number,
+    n: number,
+    S: Float64Array,
+    r: number,
     M: Float64Array,
     b: Float64Array,
   ): void {
-    const { K, H, Ge, nG, m, Rg, Zg, HW, Bz } = this;
-    M.fill(0, 0, nb * m * m);
-    b.fill(0, 0, nb * m);
-    q4.fill(0);
-    for (let r = 0; r < nb; r++) {
-      for (let k = 0; k < K; k++) q4[r * K + k] = q[(c + r) * K + k];
-    }
-    const K2 = 2 * K, K3 = 3 * K, mm = m * m;
-    const S = new Float64Array(4 * nG * nG); // upper block triangle of S per row
+    const { K, Ge, nG, m, Rg, Zg, HW, Bz } = this;
+    M.fill(0, 0, m * m);
+    b.fill(0, 0, m);
     for (let i = 0; i < K; i++) {
-      const a0 = q4[i], a1 = q4[K + i], a2 = q4[K2 + i], a3 = q4[K3 + i];
-      if (a0 === 0 && a1 === 0 && a2 === 0 && a3 === 0) continue;
-      const gi = Math.floor(i / Ge), ri = i * K;
-      // S[gi, h] += q_i·Σ_{j∈h} H_ij q_j for h ≥ gi: four independent dot products per group.
-      for (let h = gi; h < nG; h++) {
-        const j2 = Math.min(K, (h + 1) * Ge);
-        let t0 = 0, t1 = 0, t2 = 0, t3 = 0;
-        for (let j = h * Ge; j < j2; j++) {
-          const hij = H[ri + j];
-          t0 += hij * q4[j];
-          t1 += hij * q4[K + j];
-          t2 += hij * q4[K2 + j];
-          t3 += hij * q4[K3 + j];
-        }
-        const o = gi * nG + h;
-        S[o] += a0 * t0;
-        S[nG * nG + o] += a1 * t1;
-        S[2 * nG * nG + o] += a2 * t2;
-        S[3 * nG * nG + o] += a3 * t3;
-      }
-      for (let r = 0; r < nb; r++) {
-        const ar = q4[r * K + i];
-        if (ar === 0) continue;
-        const Mg = r * mm + gi * m + nG;
-        for (let h = 0; h < nG; h++) M[Mg + h] += ar * Rg[i * nG + h]; // C[gi, h]
-        b[r * m + gi] += ar * HW[rows[c + r] * K + i];
-      }
+      const a = q[k * K + i];
+      if (a === 0) continue;
+      const gi = Math.floor(i / Ge), Mg = gi * m + nG;
+      for (let h = 0; h < nG; h++) M[Mg + h] += a * Rg[i * nG + h]; // C[gi, h]
+      b[gi] += a * HW[n * K + i];
     }
-    for (let r = 0; r < nb; r++) {
-      const Mr = r * mm, Sr = r * nG * nG, n = rows[c + r];
-      for (let g = 0; g < nG; g++) {
-        for (let h = g; h < nG; h++) {
-          M[Mr + g * m + h] = M[Mr + h * m + g] = S[Sr + g * nG + h];
-        }
-        for (let h = 0; h < nG; h++) {
-          M[Mr + (nG + h) * m + g] = M[Mr + g * m + nG + h]; // Cᵀ
-          M[Mr + (nG + g) * m + nG + h] = Zg[g * nG + h];
-        }
-        b[r * m + nG + g] = Bz[n * nG + g];
+    const Sr = r * nG * nG;
+    for (let g = 0; g < nG; g++) {
+      for (let h = g; h < nG; h++) M[g * m + h] = M[h * m + g] = S[Sr + g * nG + h];
+      for (let h = 0; h < nG; h++) {
+        M[(nG + h) * m + g] = M[g * m + nG + h]; // Cᵀ
+        M[(nG + g) * m + nG + h] = Zg[g * nG + h];
       }
+      b[nG + g] = Bz[n * nG + g];
     }
   }
 
@@ -224,27 +280,21 @@ export class ScaleZeroLsq {
     }
     const lossIn = new Float64Array(R), lossOut = new Float64Array(R);
     const out: ScaleZero = { scale: new Float32Array(R * nG), zero: new Float32Array(R * nG) };
-    const M = new Float64Array(4 * m * m), b = new Float64Array(4 * m);
-    const q4 = new Float64Array(4 * K), work = new Float64Array(m * m);
-    for (let c = 0; c < R; c += 4) {
-      const nb = Math.min(4, R - c);
-      this.equations4(q, idx, c, nb, q4, M, b);
+    const M = new Float64Array(m * m), b = new Float64Array(m), work = new Float64Array(m * m);
+    const RB = this.rowBlock, qf = new Float64Array(RB * K), S = new Float64Array(RB * nG * nG);
+    for (let c = 0; c < R; c += RB) {
+      const nb = Math.min(RB, R - c);
+      this.blockS(q, c, nb, qf, S);
       for (let r = 0; r < nb; r++) {
         const k = c + r, n = idx[k];
-        lossIn[k] = this.loss(n, M, b, r, sz, k);
-        const th = this.solve(
-          M,
-          b,
-          r * m * m,
-          r * m,
-          sz.scale.subarray(k * nG, (k + 1) * nG),
-          work,
-        );
+        this.rowEquations(q, k, n, S, r, M, b);
+        lossIn[k] = this.loss(n, M, b, 0, sz, k);
+        const th = this.solve(M, b, 0, 0, sz.scale.subarray(k * nG, (k + 1) * nG), work);
         for (let g = 0; g < nG; g++) {
           out.scale[k * nG + g] = Math.f16round(th[g]);
           out.zero[k * nG + g] = Math.f16round(th[nG + g]);
         }
-        lossOut[k] = this.loss(n, M, b, r, out, k);
+        lossOut[k] = this.loss(n, M, b, 0, out, k);
       }
     }
     return { lossIn, lossOut, out };

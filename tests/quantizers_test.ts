@@ -15,7 +15,7 @@ import {
   inverseSPD,
   solveSymmetric,
 } from "../quantize/linalg.ts";
-import { type Bits, dequantize, qRange } from "../quantize/qtensor.ts";
+import { type Bits, dequantize, effectiveGroupSize, qRange } from "../quantize/qtensor.ts";
 import { minMaxScaleZero, roundCode, roundToNearest, RTN } from "../quantize/rtn.ts";
 import { floatStep, ScaleZeroLsq } from "../quantize/scale_zero_lsq.ts";
 import { mulberry32 } from "./helpers.ts";
@@ -92,13 +92,20 @@ Deno.test("linalg: Cholesky of a known matrix, non-PD error, inverse, H⁻¹ fac
     message: /pivot 1/,
   });
 
-  const n = 19, H = randomSPD(n, 3); // n not a multiple of the 4-row blocks
-  assertClose(matmul(inverseSPD(H, n), H, n), eye(n), 1e-10, "inverse·H");
-  // U from the reversed-Cholesky route equals gptq.py's chol(chol_inverse(chol(H)), upper).
-  const U = hinvUpperCholesky(H, n);
-  const naive = transpose(cholesky(choleskyInverse(cholesky(H, n), n), n), n);
-  assertClose(U, naive, 1e-10, "upper factor of H⁻¹");
-  assertClose(matmul(matmul(transpose(U, n), U, n), H, n), eye(n), 1e-10, "UᵀU·H");
+  // n not a multiple of the 4-row groups.
+  for (const n of [19, 77]) {
+    const H = randomSPD(n, 3);
+    const L = cholesky(H, n);
+    assertClose(matmul(L, transpose(L, n), n), H, 1e-10, `L·Lᵀ (${n})`);
+    assertClose(matmul(inverseSPD(H, n), H, n), eye(n), 1e-10, `inverse·H (${n})`);
+    // U from the reversed-Cholesky route equals gptq.py's chol(chol_inverse(chol(H)), upper).
+    const U = hinvUpperCholesky(H, n);
+    const naive = transpose(cholesky(choleskyInverse(cholesky(H, n), n), n), n);
+    assertClose(U, naive, 1e-10, `upper factor of H⁻¹ (${n})`);
+    assertClose(matmul(matmul(transpose(U, n), U, n), H, n), eye(n), 1e-10, `UᵀU·H (${n})`);
+  }
+
+  const n = 19, H = randomSPD(n, 3);
 
   const b = Float64Array.from({ length: n }, (_, i) => i - 3);
   const { x, damp } = solveSymmetric(H, b, n);
@@ -366,12 +373,14 @@ Deno.test("decoupleQ float step never increases a row's loss and lowers most row
   h.addBatch(X, T);
   const H = h.finalize();
   const sz = minMaxScaleZero(W, N, K, bits, G);
-  const q = gptqRound(W, N, K, bits, G, sz, gptqPlan(H, K));
+  const gptqLoss = new Float64Array(N);
+  const q = gptqRound(W, N, K, bits, G, sz, gptqPlan(H, K), 128, gptqLoss);
   const lsq = new ScaleZeroLsq(W, N, K, H, G);
   const step = floatStep(lsq, q, sz);
   const ql = { N, K, bits, groupSize: G, q } as const;
   const before = layerLoss(W, dequantize({ ...ql, ...sz }, new Float64Array(N * K)), H, N, K);
   const after = layerLoss(W, dequantize({ ...ql, ...step.sz }, new Float64Array(N * K)), H, N, K);
+  assertClose(gptqLoss, before.rows, 1e-8, "GPTQ's |e|² = layerLoss rows");
   assertClose(step.before, before.rows, 1e-8, "quadratic-form loss before = layerLoss rows");
   assertClose(step.after, after.rows, 1e-8, "quadratic-form loss after = layerLoss rows");
   let lowered = 0;
@@ -384,6 +393,24 @@ Deno.test("decoupleQ float step never increases a row's loss and lowers most row
   const dq = decoupleQ(W, N, K, H, { bits, groupSize: G });
   for (let n = 0; n < N; n++) {
     assert.ok(dq.loss.rows[n] <= before.rows[n] * (1 + 1e-9), `decoupleQ row ${n} got worse`);
+  }
+});
+
+Deno.test("decoupleQ float step: row blocks and column pairs on odd shapes match layerLoss", () => {
+  // N not a multiple of the row block (8) nor of 4; K not a multiple of G; odd per-row group.
+  for (const [N, K, G] of [[45, 120, 32], [13, 121, 0], [6, 75, 25]]) {
+    const { W, X } = syntheticLayer(N, K, 200, N + K);
+    const h = new Hessian(K);
+    h.addBatch(X, 200);
+    const H = h.finalize();
+    const sz = minMaxScaleZero(W, N, K, 3, G);
+    const q = gptqRound(W, N, K, 3, G, sz, gptqPlan(H, K));
+    const step = floatStep(new ScaleZeroLsq(W, N, K, H, G, 8), q, sz);
+    const ql = { N, K, bits: 3, groupSize: effectiveGroupSize(K, G), q } as const;
+    const deq = (s: typeof sz) => dequantize({ ...ql, ...s }, new Float64Array(N * K));
+    const tag = `(${N}, ${K}) G ${G}`;
+    assertClose(step.before, layerLoss(W, deq(sz), H, N, K).rows, 1e-8, `${tag} before`);
+    assertClose(step.after, layerLoss(W, deq(step.sz), H, N, K).rows, 1e-8, `${tag} after`);
   }
 });
 
