@@ -24,6 +24,45 @@ function defaultRowBlock(K: number): number {
   return Math.max(4, Math.min(128, Math.floor((1 << 18) / K / 4) * 4));
 }
 
+/**
+ * Two rows of H against four rows of x over columns j0..j1: out[r] = Σ_j H[ra + j]·x[x0 + r·K + j]
+ * and out[4 + r] = Σ_j H[rb + j]·x[x0 + r·K + j], r < 4 (six loads feed eight multiply-adds).
+ */
+function dots2x4(
+  H: Float64Array,
+  ra: number,
+  rb: number,
+  x: Float64Array,
+  x0: number,
+  K: number,
+  j0: number,
+  j1: number,
+  out: Float64Array,
+): void {
+  const x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
+  let a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+  for (let j = j0; j < j1; j++) {
+    const ha = H[ra + j], hb = H[rb + j];
+    const y0 = x[x0 + j], y1 = x[x1 + j], y2 = x[x2 + j], y3 = x[x3 + j];
+    a0 += ha * y0;
+    a1 += ha * y1;
+    a2 += ha * y2;
+    a3 += ha * y3;
+    b0 += hb * y0;
+    b1 += hb * y1;
+    b2 += hb * y2;
+    b3 += hb * y3;
+  }
+  out[0] = a0;
+  out[1] = a1;
+  out[2] = a2;
+  out[3] = a3;
+  out[4] = b0;
+  out[5] = b1;
+  out[6] = b2;
+  out[7] = b3;
+}
+
 /** Float-step solver for one layer: W (N, K), H (K, K), groups of G columns. */
 export class ScaleZeroLsq {
   readonly nG: number;
@@ -70,6 +109,7 @@ export class ScaleZeroLsq {
     // Rows of W·H as dot products HW[n, i] = W[n, :]·H[i, :] (H symmetric), a block of rows
     // of W (kept in cache) against each pair of rows of H, so H is streamed once per block.
     const RB = rowBlock, wf = new Float64Array(RB * K); // (RB, K), zero past N
+    const d8 = new Float64Array(8);
     for (let n0 = 0; n0 < N; n0 += RB) {
       const R = Math.min(RB, N - n0);
       wf.fill(0);
@@ -79,24 +119,11 @@ export class ScaleZeroLsq {
       for (let i = 0; i < K; i += 2) {
         const ra = i * K, rb = i + 1 < K ? ra + K : ra;
         for (let r0 = 0; r0 < R; r0 += 4) {
-          const x0 = r0 * K, x1 = x0 + K, x2 = x1 + K, x3 = x2 + K;
-          let a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-          for (let j = 0; j < K; j++) {
-            const ha = H[ra + j], hb = H[rb + j];
-            const w0 = wf[x0 + j], w1 = wf[x1 + j], w2 = wf[x2 + j], w3 = wf[x3 + j];
-            a0 += w0 * ha;
-            a1 += w1 * ha;
-            a2 += w2 * ha;
-            a3 += w3 * ha;
-            b0 += w0 * hb;
-            b1 += w1 * hb;
-            b2 += w2 * hb;
-            b3 += w3 * hb;
-          }
+          dots2x4(H, ra, rb, wf, r0 * K, K, 0, K, d8);
           for (let r = r0; r < Math.min(R, r0 + 4); r++) {
-            const o = (n0 + r) * K + i, d = r - r0;
-            HW[o] = d === 0 ? a0 : d === 1 ? a1 : d === 2 ? a2 : a3;
-            if (i + 1 < K) HW[o + 1] = d === 0 ? b0 : d === 1 ? b1 : d === 2 ? b2 : b3;
+            const o = (n0 + r) * K + i;
+            HW[o] = d8[r - r0];
+            if (i + 1 < K) HW[o + 1] = d8[4 + r - r0];
           }
         }
       }
@@ -134,7 +161,7 @@ export class ScaleZeroLsq {
    */
   private blockS(q: Int8Array, c: number, R: number, qf: Float64Array, S: Float64Array): void {
     const { K, H, Ge, nG } = this;
-    const nG2 = nG * nG;
+    const nG2 = nG * nG, d8 = new Float64Array(8);
     qf.fill(0);
     for (let r = 0; r < R; r++) {
       for (let k = 0; k < K; k++) qf[r * K + k] = q[(c + r) * K + k];
@@ -155,24 +182,11 @@ export class ScaleZeroLsq {
         ) continue;
         const s0 = r0 * nG2 + gi * nG, s1 = s0 + nG2, s2 = s1 + nG2, s3 = s2 + nG2;
         for (let h = gi; h < nG; h++) {
-          const j2 = Math.min(K, (h + 1) * Ge);
-          let t0 = 0, t1 = 0, t2 = 0, t3 = 0, u0 = 0, u1 = 0, u2 = 0, u3 = 0;
-          for (let j = h * Ge; j < j2; j++) {
-            const ha = H[ri + j], hc = H[rc + j];
-            const y0 = qf[x0 + j], y1 = qf[x1 + j], y2 = qf[x2 + j], y3 = qf[x3 + j];
-            t0 += ha * y0;
-            t1 += ha * y1;
-            t2 += ha * y2;
-            t3 += ha * y3;
-            u0 += hc * y0;
-            u1 += hc * y1;
-            u2 += hc * y2;
-            u3 += hc * y3;
-          }
-          S[s0 + h] += a0 * t0 + c0 * u0;
-          S[s1 + h] += a1 * t1 + c1 * u1;
-          S[s2 + h] += a2 * t2 + c2 * u2;
-          S[s3 + h] += a3 * t3 + c3 * u3;
+          dots2x4(H, ri, rc, qf, x0, K, h * Ge, Math.min(K, (h + 1) * Ge), d8);
+          S[s0 + h] += a0 * d8[0] + c0 * d8[4];
+          S[s1 + h] += a1 * d8[1] + c1 * d8[5];
+          S[s2 + h] += a2 * d8[2] + c2 * d8[6];
+          S[s3 + h] += a3 * d8[3] + c3 * d8[7];
         }
       }
       if (pair) i++;
