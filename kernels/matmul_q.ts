@@ -85,8 +85,9 @@ export function matmulQGrid(v: MatmulQVariant, ntok: number): [number, number, n
 /**
  * Thread shape: on CPU adapters 32 weight rows (16 units of the pair epilogues) × 4 tokens per
  * thread, so each loaded x value serves 32 rows and each weight 4 tokens, or with `tt` = 8
- * (batched decode: every row of the step in one token group) 16 rows × 8 tokens; on GPUs one
- * unit × 8 tokens per thread, 64 threads per workgroup.
+ * (batched decode: every row of the step in one token group) 16 rows × 8 tokens; on GPUs the
+ * matrix-vector shape at batch 8: 32 threads share a unit (coalesced loads, see qCoreWgsl),
+ * two units × 8 tokens per thread.
  */
 export function matmulQShape(gpu: Gpu, epilogue?: Epilogue, tt = 4): MatmulQShape {
   if (gpu.isCpu) {
@@ -94,5 +95,5 @@ export function matmulQShape(gpu: Gpu, epilogue?: Epilogue, tt = 4): MatmulQShap
     const upt = epilogue && isPair(epilogue) ? rows / 2 : rows;
     return { tpr: 1, upt, upw: upt * 8, tt };
   }
-  return { tpr: 1, upt: 1, upw: 64, tt: 8 };
+  return { tpr: 32, upt: 2, upw: 8, tt: 8 };
 }

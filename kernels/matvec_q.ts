@@ -25,7 +25,7 @@
  * ≈ b/32 (codes) + batch/rows (x) + 1/G (scales) loaded components per weight.
  *
  * Spans. A span is one quantization group when tpr = 1 (scales loaded once per group) and one
- * 32-value block when tpr > 1 (scales loaded per block, so any group size spreads over threads).
+ * vec4 of x when tpr > 1 ({@link laneLoop}: the threads of a unit read consecutive words).
  *
  * Sources (lavapipe fast paths, opt-in; the buffers keep the FORMAT.md layout):
  * - weights "texture" (tpr = 1): qweight and sz are re-laid into rgba32uint textures of width
@@ -401,6 +401,59 @@ function textureLoop(c: QCore, nr: number): string[] {
   return L;
 }
 
+/**
+ * The accumulation loop of the buffer source when threads share a unit (GPUs, tpr > 1). A span is
+ * one vec4 of x: the unit's threads take every tpr-th vec4, so they read consecutive x vec4 and
+ * consecutive code words, coalesced as in the dense kernel (a thread per 32-value block made each
+ * warp-wide load of x touch 32 cache lines: 7× slower on an H100). Each span extracts its four
+ * codes from one word (two for 3 bits) at a shift that depends on the vec4's place in its block,
+ * and applies its group's (s, z); x past K is never read.
+ */
+function laneLoop(c: QCore, nr: number): string[] {
+  const { bits, K, norm, tpr } = c;
+  const G = qGroup(K, c.groupSize);
+  const K4 = K / 4, nB = Math.ceil(K / 32), nG = Math.ceil(K / G), half = 1 << (bits - 1);
+  const toks = Array.from({ length: c.batch }, (_, t) => t);
+  const rows = Array.from({ length: nr }, (_, j) => j);
+  const L: string[] = [];
+  const p = (s: string) => L.push(s);
+  // word of vec4 i of block kb and the shift of its lowest field (FORMAT.md)
+  const [word, shift, mask] = bits === 4
+    ? ["kb * 4u + i / 2u", "(i & 1u) * 4u", "0x0F0F0F0Fu"]
+    : ["kb * " + bits + "u + i / 4u", "(i & 3u) * 2u", "0x03030303u"];
+  for (const j of rows) p(`  let rw${j} = n${j} * ${nB * bits}u;`);
+  p(`  for (var v = t; v < ${K4}u; v += ${tpr}u) {`);
+  p(`    let kb = v / 8u;`);
+  p(`    let i = v % 8u;`);
+  p(`    let gi = ${G >= K ? "0u" : `v / ${G / 4}u`};`);
+  if (norm) p(`    let gv = g[v];`);
+  for (const t of toks) {
+    if (norm) {
+      p(`    let xr${t} = x[xo${t} + v];`);
+      p(`    ss${t} += dot(xr${t}, xr${t});`);
+      p(`    let x${t} = xr${t} * gv;`);
+    } else p(`    let x${t} = x[xo${t} + v];`);
+    p(`    let xs${t} = dot(x${t}, vec4<f32>(1.0));`);
+    p(`    let y${t} = x${t} * vec4<f32>(1.0, 0x1p-8f, 0x1p-16f, 0x1p-24f);`);
+  }
+  for (const j of rows) {
+    let code = `(qw(rw${j} + ${word}) >> ${shift}) & ${mask}`;
+    if (bits === 3) code = `(${code}) | (((qw(rw${j} + kb * 3u + 2u) >> i) & 0x01010101u) << 2u)`;
+    p(`    let l${j} = ${code};`);
+    p(
+      `    let c${j} = vec4<f32>(vec4<u32>(l${j} & 0xFFu, l${j} & 0xFF00u, l${j} & 0xFF0000u, ` +
+        `l${j} & 0xFF000000u));`,
+    );
+    p(`    let sz${j} = unpack2x16float(szl(n${j} * ${nG}u + gi));`);
+    p(`    let zz${j} = sz${j}.y - sz${j}.x * ${half}.0;`);
+    for (const t of toks) {
+      p(`    a${j}_${t} += sz${j}.x * dot(c${j}, y${t}) + zz${j} * xs${t};`);
+    }
+  }
+  p(`  }`);
+  return L;
+}
+
 function qweightType(bits: Bits): string {
   return bits === 4 ? "vec4<u32>" : bits === 2 ? "vec2<u32>" : "u32";
 }
@@ -416,10 +469,9 @@ export function qCoreWgsl(c: QCore): string {
   const G = qGroup(K, c.groupSize);
   const K4 = K / 4, nB = Math.ceil(K / 32), nG = Math.ceil(K / G), half = 1 << (bits - 1);
   const rem = K4 - (nB - 1) * 8; // valid vec4 of x in the last block
-  // blocks per span: a group when tpr = 1, a block when threads share a unit
-  const S = tpr > 1 ? 1 : G >= K ? nB : G / 32;
+  // blocks per span of the tpr = 1 loop: a group
+  const S = G >= K ? nB : G / 32;
   const nSpans = Math.ceil(nB / S);
-  const spanGroup = tpr === 1 ? "sp" : G >= K ? "0u" : `sp / ${G / 32}u`;
   const units = unitCount(c.epilogue, c.rows);
   const pair = isPair(c.epilogue);
   const P = pair ? 2 : 1;
@@ -433,7 +485,7 @@ export function qCoreWgsl(c: QCore): string {
   const inputs = inputDecls(c, bind);
   const TEX = c.weights === "texture";
   const TW = Q_TEX_WIDTH;
-  const qt = qweightType(bits);
+  const qt = tpr > 1 ? "u32" : qweightType(bits);
   const texFn = (name: string, tex: string) =>
     `fn ${name}(i: u32) -> vec4<u32> { return textureLoad(${tex}, vec2<u32>(i % ${TW}u, i / ${TW}u), 0); }`;
   const qDecl = TEX
@@ -474,6 +526,7 @@ fn szl(i: u32) -> u32 { return sz[i]; }`;
   if (norm) { for (const t of toks) p(`  var ss${t} = 0.0;`); }
 
   if (TEX) L.push(...textureLoop(c, nr));
+  else if (tpr > 1) L.push(...laneLoop(c, nr));
   else {
     p(`  for (var sp = t; sp < ${nSpans}u; sp += ${tpr}u) {`);
     for (const j of rowsIdx) for (const t of toks) p(`    var d${j}_${t} = 0.0;`);
@@ -510,7 +563,7 @@ fn szl(i: u32) -> u32 { return sz[i]; }`;
     }
     p(`    }`);
     for (const t of toks) p(`    let xt${t} = dot(xs${t}, vec4<f32>(1.0));`);
-    p(`    let gi = ${spanGroup};`);
+    p(`    let gi = sp;`);
     for (const j of rowsIdx) {
       p(`    let sz${j} = unpack2x16float(szl(n${j} * ${nG}u + gi));`);
       p(`    let zz${j} = sz${j}.y - sz${j}.x * ${half}.0;`);
@@ -633,6 +686,8 @@ export function matvecQShape(gpu: Gpu, K: number, batch = 1, epilogue?: Epilogue
     const upt = epilogue && isPair(epilogue) ? rows / 2 : rows;
     return { tpr: 1, upt, upw: upt * 8 };
   }
-  const tpr = K >= 2048 ? 64 : K >= 512 ? 32 : 8;
-  return { tpr, upw: Math.max(1, 256 / tpr), upt: 1 };
+  // from a sweep on an H100: two units per thread, 8 per workgroup; 32 threads per unit above
+  // batch 1
+  const tpr = K >= 2048 && batch === 1 ? 64 : K >= 512 ? 32 : 8;
+  return { tpr, upw: 8, upt: 2 };
 }

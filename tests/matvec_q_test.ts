@@ -372,6 +372,17 @@ Deno.test("matvec_q: epilogues, fused RMSNorm and batches", async () => {
       shape: { tpr: 32, upt: 1, upw: 8 },
     },
     {
+      name: "gateup, norm, batch 3, GPU shape with 2 units per thread",
+      bits: 3,
+      G: 32,
+      N: 58,
+      K: 172,
+      epilogue: { kind: "gateup", hidden: 29 },
+      tokens: 3,
+      norm: true,
+      shape: { tpr: 16, upt: 2, upw: 4 },
+    },
+    {
       name: "qkv GQA + bias, norm, pos 5, batch 3",
       bits: 4,
       G: 32,
