@@ -405,7 +405,7 @@ function textureLoop(c: QCore, nr: number): string[] {
  * The accumulation loop of the buffer source when threads share a unit (GPUs, tpr > 1). A span is
  * one vec4 of x: the unit's threads take every tpr-th vec4, so they read consecutive x vec4 and
  * consecutive code words, coalesced as in the dense kernel (a thread per 32-value block made each
- * warp-wide load of x touch 32 cache lines: 7× slower on an H100). Each span extracts its four
+ * warp-wide load of x touch 32 cache lines: 2.6× slower on an H100). Each span extracts its four
  * codes from one word (two for 3 bits) at a shift that depends on the vec4's place in its block,
  * and applies its group's (s, z); x past K is never read.
  */

@@ -186,7 +186,7 @@ export async function quantizeSequential(
         { linears: qls, attnNorm, ffnNorm, bias },
         inputs,
         targets,
-        opts.stage2,
+        { ...opts.stage2, log: (line) => log(`block ${l} ${line}`) },
       );
       Object.assign(qls, r.block.linears);
       ({ attnNorm, ffnNorm } = r.block);
