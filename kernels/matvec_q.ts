@@ -420,7 +420,7 @@ function laneLoop(c: QCore, nr: number): string[] {
   // word of vec4 i of block kb and the shift of its lowest field (FORMAT.md)
   const [word, shift, mask] = bits === 4
     ? ["kb * 4u + i / 2u", "(i & 1u) * 4u", "0x0F0F0F0Fu"]
-    : ["kb * " + bits + "u + i / 4u", "(i & 3u) * 2u", "0x03030303u"];
+    : [`kb * ${bits}u + i / 4u`, "(i & 3u) * 2u", "0x03030303u"];
   for (const j of rows) p(`  let rw${j} = n${j} * ${nB * bits}u;`);
   p(`  for (var v = t; v < ${K4}u; v += ${tpr}u) {`);
   p(`    let kb = v / 8u;`);
