@@ -9,6 +9,7 @@ import { benchKernels } from "./kernels.ts";
 import { benchLoad } from "./load.ts";
 import { benchProfile } from "./profile.ts";
 import { benchQuality } from "./quality.ts";
+import { benchBlocks } from "./quality_blocks.ts";
 import { benchQuantize1b } from "./quantize_1b.ts";
 import { benchLatency } from "./latency.ts";
 import { benchServe } from "./serve.ts";
@@ -18,6 +19,7 @@ const BENCHES: Record<string, (args: string[]) => Promise<void>> = {
   kernels: benchKernels,
   load: benchLoad,
   quality: benchQuality,
+  blocks: benchBlocks,
   "quantize-1b": benchQuantize1b,
   latency: benchLatency,
   serve: benchServe,

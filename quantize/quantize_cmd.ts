@@ -25,6 +25,8 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
   --threads N                   CPU threads for decoupleQ stage 1 (default: all cores)
   --stage2 / --no-stage2        decoupleQ stage 2: tune s, z and norms per block (default on for decoupleq)
   --stage2-epochs N             (default 5)
+  --stage2-lr X                 stage 2 learning rate, relative to each tensor's mean magnitude (default 0.01)
+  --percdamp X                  Hessian damping, a fraction of its mean diagonal (default 0.01)
   --quantize-head               pack the logits layer too (default: it stays fp16)
   --no-compare                  skip the RTN/GPTQ losses in the per-layer report
   --resume                      continue an interrupted run of the same command (calibrated)
@@ -33,6 +35,10 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
 function int(name: string, v: string, allowed?: number[]): number {
   const what = allowed ? `one of ${allowed.join(", ")}` : "an integer";
   return numberOption(name, v, what, (n) => Number.isInteger(n) && (allowed?.includes(n) ?? true));
+}
+
+function positive(name: string, v: string): number {
+  return numberOption(name, v, "a positive number", (x) => x > 0 && Number.isFinite(x));
 }
 
 async function main(args: string[]): Promise<void> {
@@ -56,6 +62,8 @@ async function main(args: string[]): Promise<void> {
       stage2: { type: "boolean" },
       "no-stage2": { type: "boolean", default: false },
       "stage2-epochs": { type: "string", default: "5" },
+      "stage2-lr": { type: "string", default: "0.01" },
+      percdamp: { type: "string", default: "0.01" },
       tokenizer: { type: "string" },
       help: { type: "boolean", default: false },
     },
@@ -98,7 +106,13 @@ async function main(args: string[]): Promise<void> {
     quantizeHead: a["quantize-head"],
     resume: a.resume,
     compare: !a["no-compare"],
-    stage2: stage2 ? { epochs: int("stage2-epochs", a["stage2-epochs"]!) } : null,
+    percdamp: positive("percdamp", a.percdamp!),
+    stage2: stage2
+      ? {
+        epochs: int("stage2-epochs", a["stage2-epochs"]!),
+        lr: positive("stage2-lr", a["stage2-lr"]!),
+      }
+      : null,
   });
   const report = `${a.out}.report.json`;
   await Deno.writeTextFile(report, JSON.stringify({ settings, ...result }, null, 2));

@@ -43,7 +43,9 @@ export interface QuantizeModelOptions {
    * removed when the file is complete.
    */
   resume?: boolean;
-  stage2?: { epochs: number } | null;
+  stage2?: { epochs: number; lr?: number } | null;
+  /** Hessian damping as a fraction of its mean diagonal (default 0.01). */
+  percdamp?: number;
   log?: (line: string) => void;
 }
 
@@ -88,6 +90,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
       iters: o.iters ?? null,
       quantizeHead: o.quantizeHead ?? false,
       stage2: o.stage2 ?? null,
+      percdamp: o.percdamp ?? 0.01,
       calib: o.calib ?? null,
       source: o.model,
     };
@@ -136,6 +139,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
           quantizeHead: o.quantizeHead,
           compare: o.compare,
           stage2: o.stage2 ?? null,
+          percdamp: o.percdamp,
           log,
           start: state
             ? { block: state.next, ...state.reports, inputs: state.inputs(seqs, c.dim) }
