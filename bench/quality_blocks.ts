@@ -23,13 +23,13 @@ import { recordResults, table, today } from "./results.ts";
 /** Perplexity of `base` with the tensors `fromQ` accepts read from `q` instead. */
 async function splicedPerplexity(
   base: Checkpoint,
-  q: Checkpoint | null,
+  q: Checkpoint,
   fromQ: (name: string) => boolean,
   score: (ref: ReferenceModel) => Promise<number>,
 ): Promise<number> {
   const weights = new Map<string, Float32Array>();
   for (const name of expectedShapes(base.config).keys()) {
-    weights.set(name, await (q && fromQ(name) ? q : base).read(name));
+    weights.set(name, await (fromQ(name) ? q : base).read(name));
   }
   return score(new ReferenceModel(base.config, weights));
 }
@@ -60,7 +60,7 @@ export async function benchBlocks(args: string[]): Promise<void> {
   const L = base.config.nLayers;
   const score = async (ref: ReferenceModel) =>
     (await perplexity(referenceLogitsModel(ref, ctx), tokenizer, text, { maxTokens })).perplexity;
-  const fp = await splicedPerplexity(base, null, () => false, score);
+  const fp = await score(await ReferenceModel.load(base));
   console.error(`float: ${fp.toFixed(3)}`);
   const rows: (string | number)[][] = [];
   for (const path of a.file) {
