@@ -1,9 +1,9 @@
 /**
- * `deno task bench quality`: perplexity of fp32 and of RTN / GPTQ / decoupleQ (stage 1, and
- * stage 1+2) models at several bit widths, with each file's bits per weight and the time its
- * quantization took, written to bench/QUALITY.md. Each row runs the real commands (quantize,
- * eval) as subprocesses; finished rows are kept in bench/quality.json, so an interrupted run
- * resumes where it stopped (`--fresh` starts over, `--only stories|novels` picks a model).
+ * `deno task bench quality`: perplexity of fp32 and of RTN / GPTQ / decoupleQ (stage 1, stage
+ * 1+2, and stage 1+2 then the end-to-end stage) models at several bit widths, with each file's
+ * bits per weight and the time its quantization took, written to bench/QUALITY.md. Each row
+ * runs the real commands (quantize, eval) as subprocesses; finished rows are kept in
+ * bench/quality.json, so an interrupted run resumes where it stopped (`--fresh` starts over, `--only stories|novels` picks a model).
  */
 import { parseArgs } from "node:util";
 
@@ -73,6 +73,10 @@ const METHODS = [
   { label: "GPTQ", args: ["--method", "gptq", "--calib"] },
   { label: "decoupleQ stage 1", args: ["--method", "decoupleq", "--no-stage2", "--calib"] },
   { label: "decoupleQ stage 1+2", args: ["--method", "decoupleq", "--stage2", "--calib"] },
+  {
+    label: "decoupleQ stage 1+2+e2e",
+    args: ["--method", "decoupleq", "--stage2", "--e2e-epochs", "2", "--calib"],
+  },
 ];
 
 interface Row {

@@ -61,8 +61,10 @@ export interface StepParams {
   rows?: StepRow[];
 }
 
-/** Packs a Step in WGSL field order. */
+/** Packs a Step in WGSL field order; a step holds at most MAX_ROWS tokens. */
 export function packStep(s: StepParams): ArrayBuffer {
+  // the kernels read rows[t] for every token t < ntok: more would read past the table
+  if (s.ntok > MAX_ROWS) throw new Error(`a step holds at most ${MAX_ROWS} tokens; got ${s.ntok}`);
   const buf = new ArrayBuffer(STEP_BYTES);
   const u = new Uint32Array(buf), f = new Float32Array(buf);
   u[0] = s.pos;

@@ -2,7 +2,8 @@
  * Runs one decoder block on the GPU for the quantizer: float32 weights that can be replaced one
  * linear layer at a time (by their dequantized values), and prefixes of the block's prefill
  * stages, so each linear layer's calibration inputs are captured after the layers before it
- * were quantized. Sequences are submitted back to back and read back together.
+ * were quantized. Sequences are submitted back to back and read back together, each in steps of
+ * at most MAX_ROWS tokens (the Step uniform's per-token rows), as the runtime's prefill runs them.
  */
 import { type ModelConfig, tensorNames as T } from "../runtime/config.ts";
 import type { Checkpoint } from "../runtime/checkpoint.ts";
@@ -15,7 +16,7 @@ import {
 } from "../runtime/gpu_weights.ts";
 import { Builder, type Dispatch, encodeDispatches, layerStages } from "../runtime/forward.ts";
 import { type Gpu, STORAGE } from "../kernels/gpu.ts";
-import { packStep } from "../kernels/common.ts";
+import { MAX_ROWS, packStep } from "../kernels/common.ts";
 
 /** How many stages to run to capture each buffer (see `layerStages`). */
 export const CAPTURE = {
@@ -56,7 +57,8 @@ export class BlockRunner {
   /** Buffers for one block of `config` and sequences of up to `seqLen` tokens. */
   static create(gpu: Gpu, config: ModelConfig, seqLen: number): BlockRunner {
     const c = config, qd = c.nHeads * c.headDim, kvd = c.nKvHeads * c.headDim;
-    const state = createRunState(gpu, { ...c, nLayers: 1 }, seqLen, seqLen);
+    const maxT = Math.min(seqLen, MAX_ROWS);
+    const state = createRunState(gpu, { ...c, nLayers: 1 }, seqLen, maxT);
     const vec = (label: string, n: number) =>
       gpu.buffer(label, n * 4, STORAGE | GPUBufferUsage.COPY_DST);
     const layer: LayerWeights = {
@@ -100,35 +102,41 @@ export class BlockRunner {
 
   /**
    * Runs each sequence (its block input x, (T, dim)) through the first `capture.stages` stages
-   * and returns the captured buffer, (T, width), per sequence.
+   * and returns the captured buffer, (T, width), per sequence. A sequence runs in steps of at
+   * most `state.maxT` (≤ MAX_ROWS) tokens, each step's tokens attending to the KV rows the
+   * earlier steps wrote.
    */
   async run(inputs: Float32Array[], capture: Capture): Promise<Float32Array[]> {
     const { device } = this.gpu;
     const src = this.state[capture.buffer];
     const list = this.stages.slice(0, capture.stages).flat();
+    const dim = this.config.dim, maxT = this.state.maxT;
+    const width = capture.buffer === "h"
+      ? this.config.hiddenDim
+      : capture.buffer === "att"
+      ? this.config.nHeads * this.config.headDim
+      : dim;
     const reads = inputs.map((x) => {
-      const T = x.length / this.config.dim;
-      const width = capture.buffer === "h"
-        ? this.config.hiddenDim
-        : capture.buffer === "att"
-        ? this.config.nHeads * this.config.headDim
-        : this.config.dim;
-      this.gpu.write(this.state.x, 0, x);
-      device.queue.writeBuffer(
-        this.state.step,
-        0,
-        packStep({ pos: 0, ntok: T, seed: 0, topK: 0, temperature: 0, topP: 1 }),
-      );
+      const T = x.length / dim;
       const staging = device.createBuffer({
         size: T * width * 4,
         usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
       });
-      const enc = device.createCommandEncoder();
-      const pass = enc.beginComputePass();
-      encodeDispatches(pass, list, T);
-      pass.end();
-      enc.copyBufferToBuffer(src, 0, staging, 0, T * width * 4);
-      device.queue.submit([enc.finish()]);
+      for (let p = 0; p < T; p += maxT) {
+        const n = Math.min(maxT, T - p);
+        this.gpu.write(this.state.x, 0, x.subarray(p * dim, (p + n) * dim));
+        device.queue.writeBuffer(
+          this.state.step,
+          0,
+          packStep({ pos: p, ntok: n, seed: 0, topK: 0, temperature: 0, topP: 1 }),
+        );
+        const enc = device.createCommandEncoder();
+        const pass = enc.beginComputePass();
+        encodeDispatches(pass, list, n);
+        pass.end();
+        enc.copyBufferToBuffer(src, 0, staging, p * width * 4, n * width * 4);
+        device.queue.submit([enc.finish()]);
+      }
       return staging;
     });
     const out: Float32Array[] = [];

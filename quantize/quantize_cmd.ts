@@ -26,6 +26,10 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
   --stage2 / --no-stage2        decoupleQ stage 2: tune s, z and norms per block (default on for decoupleq)
   --stage2-epochs N             (default 5)
   --stage2-lr X                 stage 2 learning rate, relative to each tensor's mean magnitude (default 0.01)
+  --e2e-epochs N                end-to-end stage after stage 2: all s, z and norms against the float
+                                model's next-token distributions (KL); 0 = off (default 0)
+  --e2e-lr X                    its learning rate, relative as stage 2's (default 0.003)
+  --e2e-samples N               its calibration sequences, 0 = all (default 512)
   --percdamp X                  Hessian damping, a fraction of its mean diagonal (default 0.01)
   --quantize-head               pack the logits layer too (default: it stays fp16)
   --no-compare                  skip the RTN/GPTQ losses in the per-layer report
@@ -63,6 +67,9 @@ async function main(args: string[]): Promise<void> {
       "no-stage2": { type: "boolean", default: false },
       "stage2-epochs": { type: "string", default: "5" },
       "stage2-lr": { type: "string", default: "0.01" },
+      "e2e-epochs": { type: "string", default: "0" },
+      "e2e-lr": { type: "string", default: "0.003" },
+      "e2e-samples": { type: "string", default: "512" },
       percdamp: { type: "string", default: "0.01" },
       tokenizer: { type: "string" },
       help: { type: "boolean", default: false },
@@ -78,12 +85,15 @@ async function main(args: string[]): Promise<void> {
   const groupSize = int("group-size", a["group-size"]!, [0, 32, 64, 128]);
   const stage2 = (a.stage2 ?? (method === "decoupleq" && a.calib !== undefined)) && !a["no-stage2"];
 
+  const e2eEpochs = int("e2e-epochs", a["e2e-epochs"]!);
+  if (e2eEpochs < 0) throw new ParameterError(`--e2e-epochs must be ≥ 0; got ${e2eEpochs}`);
   const settings = {
     method,
     bits,
     groupSize,
     iters: int("iters", a.iters!),
     stage2,
+    e2eEpochs,
     quantizeHead: a["quantize-head"],
   };
   const result = await quantizeModel({
@@ -111,6 +121,13 @@ async function main(args: string[]): Promise<void> {
       ? {
         epochs: int("stage2-epochs", a["stage2-epochs"]!),
         lr: positive("stage2-lr", a["stage2-lr"]!),
+      }
+      : null,
+    e2e: e2eEpochs > 0
+      ? {
+        epochs: e2eEpochs,
+        lr: positive("e2e-lr", a["e2e-lr"]!),
+        samples: int("e2e-samples", a["e2e-samples"]!),
       }
       : null,
   });

@@ -21,6 +21,7 @@ import { packQ } from "./pack.ts";
 import { rtnQuantize } from "./rtn.ts";
 import type { Bits, QuantizedLinear } from "./qtensor.ts";
 import type { PackedTensor } from "../runtime/checkpoint.ts";
+import { type E2EReport, tuneLowbitFile } from "./e2e_file.ts";
 
 export interface QuantizeModelOptions {
   model: string;
@@ -44,6 +45,12 @@ export interface QuantizeModelOptions {
    */
   resume?: boolean;
   stage2?: { epochs: number; lr?: number } | null;
+  /**
+   * The end-to-end stage after the file is written ({@link tuneLowbitFile}): all s, z and norms
+   * against the float model's next-token distributions, on `samples` calibration sequences
+   * (drawn as the main ones, with the same seed: a superset of them when larger).
+   */
+  e2e?: { epochs: number; lr?: number; samples: number } | null;
   /** Hessian damping as a fraction of its mean diagonal (default 0.01). */
   percdamp?: number;
   log?: (line: string) => void;
@@ -55,6 +62,7 @@ export interface QuantizeModelResult {
   calibTokens: number;
   layers: LayerReport[];
   blocks: BlockReport[];
+  e2e: E2EReport | null;
 }
 
 const LINEARS = [T.wq, T.wk, T.wv, T.wo, T.w1, T.w3, T.w2];
@@ -65,6 +73,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     throw new ParameterError(`--method ${o.method} needs --calib FILE`);
   }
   if (o.stage2 && !o.calib) throw new ParameterError("--stage2 needs --calib FILE");
+  if (o.e2e && !o.calib) throw new ParameterError("--e2e-epochs needs --calib FILE");
   if (o.threads !== undefined && !(Number.isInteger(o.threads) && o.threads >= 1)) {
     throw new ParameterError(`--threads must be a positive integer; got ${o.threads}`);
   }
@@ -108,6 +117,8 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     };
     let reports: { layers: LayerReport[]; blocks: BlockReport[] } = { layers: [], blocks: [] };
     let calibTokens = 0;
+    let sample: ((samples: number) => number[][]) | null = null;
+    const gpu = o.calib ? await createGpu() : null;
     try {
       // float tensors other than the block norms (which stage 2 may tune) first, one at a time
       const blockNorms = new Set(
@@ -123,15 +134,17 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         norm: (name: string, g: Float32Array) => write(name, g),
       };
       if (o.calib) {
-        const text = await Deno.readTextFile(o.calib.path);
-        const seqs = calibrationSequences(tokenizer, text, {
-          seqLen: o.calib.seqLen ?? Math.min(c.seqLen, 512),
-          samples: o.calib.samples,
-          seed: o.calib.seed,
-        });
+        const text = await Deno.readTextFile(o.calib.path), calib = o.calib;
+        sample = (samples) =>
+          calibrationSequences(tokenizer, text, {
+            seqLen: calib.seqLen ?? Math.min(c.seqLen, 512),
+            samples,
+            seed: calib.seed,
+          });
+        const seqs = sample(calib.samples);
         calibTokens = seqs.reduce((n, s) => n + s.length, 0);
         log(`calibration: ${seqs.length} sequences, ${calibTokens} tokens`);
-        reports = await quantizeSequential(await createGpu(), ckpt, seqs, {
+        reports = await quantizeSequential(gpu!, ckpt, seqs, {
           method: o.method,
           ...quant,
           iters: o.iters,
@@ -168,7 +181,13 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     }
     await writer.close();
     await resumeState.remove();
-    return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports };
+    let e2e: E2EReport | null = null;
+    if (o.e2e && sample) {
+      const seqs = sample(o.e2e.samples);
+      log(`e2e: ${seqs.length} calibration sequences`);
+      e2e = await tuneLowbitFile(gpu!, ckpt, seqs, o.out, { ...o.e2e, log });
+    }
+    return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports, e2e };
   } finally {
     ckpt.close();
   }

@@ -83,7 +83,7 @@ const GROUPS: { capture: Capture; keys: string[] }[] = [
 ];
 
 /** Embedding rows of each calibration sequence: the first block's inputs. */
-async function embedInputs(ckpt: Checkpoint, seqs: number[][]): Promise<Float32Array[]> {
+export async function embedInputs(ckpt: Checkpoint, seqs: number[][]): Promise<Float32Array[]> {
   const dim = ckpt.config.dim;
   const rows = new Map<number, Float32Array>();
   for (const id of new Set(seqs.flat()).values()) {
@@ -223,6 +223,26 @@ export async function quantizeSequential(
     log(`lm_head (${N}×${K}): relative loss ${lossText(loss)} (${ms.toFixed(0)} ms)`);
   }
   return { layers, blocks };
+}
+
+/**
+ * The float model's final-normed hidden states (T, dim) on each sequence: the logits layer's
+ * inputs, from the checkpoint's weights, one block at a time on the GPU.
+ */
+export async function floatFinalHidden(
+  gpu: Gpu,
+  ckpt: Checkpoint,
+  seqs: number[][],
+): Promise<Float32Array[]> {
+  const c = ckpt.config;
+  const runner = BlockRunner.create(gpu, c, Math.max(...seqs.map((s) => s.length)));
+  let x = await embedInputs(ckpt, seqs);
+  for (let l = 0; l < c.nLayers; l++) {
+    await runner.loadLayer(ckpt, l);
+    x = await runner.run(x, CAPTURE.output);
+  }
+  const g = await ckpt.read(T.norm);
+  return x.map((h) => finalNorm(h, g, c.normEps));
 }
 
 /** "rtn 1.234e-2, gptq ..." for a layer report's losses. */

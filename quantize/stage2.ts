@@ -117,7 +117,7 @@ class AdamParam {
 }
 
 /** Ŵ = s·q + z (float64) from explicit s, z of the shape of `ql`'s. */
-function dequantInto(out: Float64Array, ql: QuantizedLinear, s: FloatArray, z: FloatArray) {
+export function dequantInto(out: Float64Array, ql: QuantizedLinear, s: FloatArray, z: FloatArray) {
   const { N, K, groupSize: G, q } = ql, nG = nGroups(K, G);
   for (let n = 0; n < N; n++) {
     for (let g = 0; g < nG; g++) {
@@ -128,7 +128,12 @@ function dequantInto(out: Float64Array, ql: QuantizedLinear, s: FloatArray, z: F
 }
 
 /** ds[n, g] = Σ_{k∈g} dŴ[n, k]·q[n, k], dz[n, g] = Σ_{k∈g} dŴ[n, k] (overwritten). */
-function scaleZeroGrads(dW: Float64Array, ql: QuantizedLinear, ds: Float64Array, dz: Float64Array) {
+export function scaleZeroGrads(
+  dW: Float64Array,
+  ql: QuantizedLinear,
+  ds: Float64Array,
+  dz: Float64Array,
+) {
   const { N, K, groupSize: G, q } = ql, nG = nGroups(K, G);
   for (let n = 0; n < N; n++) {
     for (let g = 0; g < nG; g++) {
@@ -224,7 +229,11 @@ export function blockMse(
 }
 
 /** Shuffled sequence indices grouped into mini-batches of ≥ batchTokens tokens. */
-function miniBatches(lengths: number[], batchTokens: number, rand: () => number): number[][] {
+export function miniBatches(
+  lengths: number[],
+  batchTokens: number,
+  rand: () => number,
+): number[][] {
   const order = lengths.map((_, i) => i);
   for (let i = order.length - 1; i > 0; i--) {
     const j = Math.floor(rand() * (i + 1));
@@ -243,6 +252,27 @@ function miniBatches(lengths: number[], batchTokens: number, rand: () => number)
   }
   if (cur.length > 0) batches.push(cur);
   return batches;
+}
+
+/** An Adam parameter for a norm weight vector, its lr `lrRel` times mean|g|. */
+export function normParam(g: Float32Array, lrRel: number): AdamParam {
+  return new AdamParam(Float64Array.from(g), lrRel * (meanAbs(g) || 1));
+}
+
+/**
+ * The trainable float part of a quantized block: float64 masters of each linear layer's s and z
+ * (lr `lrRel` times the layer's mean|s|) and of the two norm weights, with their Adam state.
+ */
+export function blockParamsAdam(block: Stage2Block, lrRel: number) {
+  const s = {} as Record<LinearKey, AdamParam>, z = {} as Record<LinearKey, AdamParam>;
+  for (const key of LINEAR_KEYS) {
+    const ql = block.linears[key];
+    const ref = meanAbs(ql.scale) || meanAbs(ql.zero) || 1;
+    s[key] = new AdamParam(Float64Array.from(ql.scale), lrRel * ref);
+    z[key] = new AdamParam(Float64Array.from(ql.zero), lrRel * ref);
+  }
+  const g1 = normParam(block.attnNorm, lrRel), g2 = normParam(block.ffnNorm, lrRel);
+  return { s, z, g1, g2, all: [...LINEAR_KEYS.flatMap((k) => [s[k], z[k]]), g1, g2] };
 }
 
 function meanAbs(a: ArrayLike<number>): number {
@@ -282,19 +312,7 @@ export function tuneBlock(
   const count = lengths.reduce((a, b) => a + b, 0) * c.dim;
 
   // The parameters being trained (float64 masters) and their Adam state.
-  const s = {} as Record<LinearKey, AdamParam>, z = {} as Record<LinearKey, AdamParam>;
-  for (const key of LINEAR_KEYS) {
-    const ql = block.linears[key];
-    const ref = meanAbs(ql.scale) || meanAbs(ql.zero) || 1;
-    s[key] = new AdamParam(Float64Array.from(ql.scale), lrRel * ref);
-    z[key] = new AdamParam(Float64Array.from(ql.zero), lrRel * ref);
-  }
-  const g1 = new AdamParam(
-    Float64Array.from(block.attnNorm),
-    lrRel * (meanAbs(block.attnNorm) || 1),
-  );
-  const g2 = new AdamParam(Float64Array.from(block.ffnNorm), lrRel * (meanAbs(block.ffnNorm) || 1));
-  const all = [...LINEAR_KEYS.flatMap((k) => [s[k], z[k]]), g1, g2];
+  const { s, z, g1, g2, all } = blockParamsAdam(block, lrRel);
 
   // Float64 parameters handed to the block: Ŵ from the masters (or from a rounded candidate).
   const shapes = linearShapes(c);

@@ -1,7 +1,8 @@
 /**
  * The quantizer's GPU calibration path: BlockRunner reproduces the model's own forward pass, and
  * sequential quantization of stories260K writes a model file that loads and generates, with
- * decoupleQ's per-layer losses below GPTQ's and stage 2 lowering each block's output error.
+ * decoupleQ's per-layer losses below GPTQ's and stage 2 lowering each block's output error, and
+ * the end-to-end stage rewriting that file.
  */
 import assert from "node:assert/strict";
 import { openCheckpoint } from "../runtime/open_checkpoint.ts";
@@ -13,7 +14,9 @@ import { calibrationSequences } from "../quantize/calibration.ts";
 import { quantizeSequential } from "../quantize/sequential.ts";
 import { dequantize, type QuantizedLinear } from "../quantize/qtensor.ts";
 import { quantizeModel } from "../quantize/quantize_model.ts";
+import { openLowbit } from "../runtime/lowbit_reader.ts";
 import { haveShared, maxAbsDiff, sharedPath, testGpu, withTempDir } from "./helpers.ts";
+import { writeSyntheticHfCheckpoint } from "./synthetic.ts";
 
 const have = await haveShared(
   "models/stories260K-hf",
@@ -53,6 +56,52 @@ Deno.test({
     );
     ckpt.close();
   },
+});
+
+Deno.test("BlockRunner: sequences longer than a step's 256 rows match the reference at every position", async () => {
+  await withTempDir(async (dir) => {
+    // tied head; 300 tokens: more than the Step uniform's MAX_ROWS = 256 rows of one step
+    const c = await writeSyntheticHfCheckpoint(dir, {
+      dim: 32,
+      hiddenDim: 64,
+      nHeads: 4,
+      nKvHeads: 2,
+      nLayers: 2,
+      vocabSize: 64,
+      seqLen: 320,
+      tiedEmbeddings: true,
+    }, { dtype: "F32", shards: 1, seed: 5 });
+    const ckpt = await openCheckpoint(dir);
+    const seqs = [300, 40].map((n, s) => Array.from({ length: n }, (_, t) => (t * 7 + s * 3) % 64));
+    const runner = BlockRunner.create(await testGpu(), c, 300);
+    const E = await ckpt.read(T.embed);
+    let xs: Float32Array[] = seqs.map((ids) => {
+      const x = new Float32Array(ids.length * c.dim);
+      ids.forEach((id, t) => x.set(E.subarray(id * c.dim, (id + 1) * c.dim), t * c.dim));
+      return x;
+    });
+    for (let l = 0; l < c.nLayers; l++) {
+      await runner.loadLayer(ckpt, l);
+      xs = await runner.run(xs, CAPTURE.output);
+    }
+    const g = await ckpt.read(T.norm);
+    const ref = await ReferenceModel.load(ckpt);
+    seqs.forEach((ids, s) => {
+      ref.reset();
+      let err = 0;
+      ids.forEach((id, p) => {
+        const h = xs[s].subarray(p * c.dim, (p + 1) * c.dim);
+        const inv = 1 / Math.sqrt(h.reduce((a, v) => a + v * v, 0) / c.dim + c.normEps);
+        const logits = new Float64Array(c.vocabSize);
+        for (let v = 0; v < c.vocabSize; v++) {
+          for (let k = 0; k < c.dim; k++) logits[v] += E[v * c.dim + k] * h[k] * inv * g[k];
+        }
+        err = Math.max(err, maxAbsDiff(logits, ref.forward(id, p)));
+      });
+      assert.ok(err < 1e-3, `sequence ${s} (${ids.length} tokens): logits differ by ${err}`);
+    });
+    ckpt.close();
+  });
 });
 
 Deno.test({
@@ -109,26 +158,31 @@ Deno.test({
   },
 });
 
+/** quantizeModel options: stories260K, decoupleQ W2 g32, `samples` calibration lines of 64. */
+function w2g32Options(iters: number, samples: number) {
+  return {
+    model: sharedPath("models/stories260K-hf"),
+    tokenizer: sharedPath("models/stories260K/tok512.bin"),
+    method: "decoupleq",
+    bits: 2,
+    groupSize: 32,
+    iters,
+    compare: false,
+    calib: {
+      path: sharedPath("data/tinystories/TinyStories-valid-sample.txt"),
+      samples,
+      seqLen: 64,
+      seed: 0,
+    },
+  } as const;
+}
+
 Deno.test({
   name: "an interrupted quantization resumes at its last finished block and gives the same file",
   ignore: !have,
   fn: () =>
     withTempDir(async (dir) => {
-      const opts = {
-        model: sharedPath("models/stories260K-hf"),
-        tokenizer: sharedPath("models/stories260K/tok512.bin"),
-        method: "decoupleq",
-        bits: 2,
-        groupSize: 32,
-        iters: 2,
-        compare: false,
-        calib: {
-          path: sharedPath("data/tinystories/TinyStories-valid-sample.txt"),
-          samples: 3,
-          seqLen: 64,
-          seed: 0,
-        },
-      } as const;
+      const opts = w2g32Options(2, 3);
       const whole = `${dir}/whole.lowbit`, cut = `${dir}/cut.lowbit`;
       await quantizeModel({ ...opts, out: whole, log: () => {} });
       // stop in the middle of block 2; the file and the state of block 2's inputs remain
@@ -151,5 +205,32 @@ Deno.test({
         quantizeModel({ ...opts, bits: 3, out: cut, resume: true, log: () => {} }),
         /other settings/,
       );
+    }),
+});
+
+Deno.test({
+  name: "the end-to-end stage rewrites the file: lower KL, same codes, settings in the header",
+  ignore: !have,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const opts = { ...w2g32Options(1, 4), log: () => {} };
+      const plain = `${dir}/plain.lowbit`, tuned = `${dir}/tuned.lowbit`;
+      await quantizeModel({ ...opts, out: plain });
+      const r = await quantizeModel({
+        ...opts,
+        out: tuned,
+        e2e: { epochs: 2, lr: 1e-2, samples: 6 },
+      });
+      assert.ok(r.e2e && r.e2e.improved && r.e2e.after < r.e2e.before, JSON.stringify(r.e2e));
+      const [a, b] = [await openLowbit(plain), await openLowbit(tuned)];
+      assert.deepEqual(b.header.quantization.e2e, { epochs: 2, lr: 1e-2, samples: 6 });
+      assert.equal(a.header.quantization.e2e, undefined);
+      const name = T.w1(0);
+      const [pa, pb] = [await a.readPacked(name), await b.readPacked(name)];
+      assert.deepEqual(pb.qweight, pa.qweight); // the codes are frozen
+      assert.notDeepEqual(pb.sz, pa.sz); // the scales and zeros moved
+      assert.notDeepEqual(await b.read(T.norm), await a.read(T.norm));
+      a.close();
+      b.close();
     }),
 });

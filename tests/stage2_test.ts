@@ -2,6 +2,8 @@
  * Tests of decoupleQ stage 2: the CPU block forward/backward (quantize/block_math.ts) against
  * central finite differences and against ReferenceModel, and tuneBlock (quantize/stage2.ts) on
  * a synthetic 2-bit RTN block. Also prints the cost of one epoch on the novels-5M block shape.
+ * Then the end-to-end stage (quantize/e2e.ts): the whole model's KL gradient against central
+ * differences, and tuneEndToEnd on a synthetic 2-bit model.
  */
 import assert from "node:assert/strict";
 import {
@@ -11,7 +13,9 @@ import {
   LINEAR_KEYS,
   type LinearKey,
   linearShapes,
+  rmsnormForward,
 } from "../quantize/block_math.ts";
+import { type E2EModel, ModelMath, tuneEndToEnd } from "../quantize/e2e.ts";
 import { blockMse, type Stage2Block, tuneBlock } from "../quantize/stage2.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
 import { type ModelConfig, tensorNames as TN } from "../runtime/config.ts";
@@ -78,6 +82,36 @@ const tinyBlock = (qkvBias: boolean) =>
     ropeTheta: 10,
   });
 
+/**
+ * Checks `analytic` against central differences (step h) of `loss` in every entry of v: the
+ * worst error relative to the largest difference quotient must stay below `tol`. Returns it.
+ */
+function checkGradient(
+  name: string,
+  v: Float64Array,
+  analytic: Float64Array,
+  loss: () => number,
+  h: number,
+  tol: number,
+): number {
+  let maxErr = 0, maxRef = 0;
+  for (let i = 0; i < v.length; i++) {
+    const v0 = v[i];
+    v[i] = v0 + h;
+    const lp = loss();
+    v[i] = v0 - h;
+    const lm = loss();
+    v[i] = v0;
+    const fd = (lp - lm) / (2 * h);
+    maxErr = Math.max(maxErr, Math.abs(fd - analytic[i]));
+    maxRef = Math.max(maxRef, Math.abs(fd));
+  }
+  const rel = maxErr / maxRef;
+  assert.ok(maxRef > 0, `${name}: zero gradient`);
+  assert.ok(rel < tol, `${name}: relative error ${rel.toExponential(2)}`);
+  return rel;
+}
+
 for (const qkvBias of [false, true]) {
   Deno.test(`block backward matches central differences (qkvBias ${qkvBias})`, () => {
     const c = tinyBlock(qkvBias), T = 5;
@@ -96,25 +130,8 @@ for (const qkvBias of [false, true]) {
     const grads = createGrads(c), dx = new Float64Array(T * c.dim);
     bm.backward(R, grads, dx);
 
-    const h = 1e-5;
-    const check = (name: string, v: Float64Array, analytic: Float64Array) => {
-      let maxErr = 0, maxRef = 0;
-      for (let i = 0; i < v.length; i++) {
-        const v0 = v[i];
-        v[i] = v0 + h;
-        const lp = loss();
-        v[i] = v0 - h;
-        const lm = loss();
-        v[i] = v0;
-        const fd = (lp - lm) / (2 * h);
-        maxErr = Math.max(maxErr, Math.abs(fd - analytic[i]));
-        maxRef = Math.max(maxRef, Math.abs(fd));
-      }
-      const rel = maxErr / maxRef;
-      assert.ok(maxRef > 0, `${name}: zero gradient`);
-      assert.ok(rel < 1e-6, `${name}: relative error ${rel.toExponential(2)}`);
-      return rel;
-    };
+    const check = (name: string, v: Float64Array, analytic: Float64Array) =>
+      checkGradient(name, v, analytic, loss, 1e-5, 1e-6);
     const errs: number[] = [];
     for (const key of LINEAR_KEYS) {
       errs.push(check(key, p.linears[key] as Float64Array, grads.linears[key]));
@@ -266,4 +283,136 @@ Deno.test("stage 2 cost: one epoch on the novels-5M block shape (printed)", () =
       `${(r.ms / 1000).toFixed(2)} s with the initial evaluation; MSE ` +
       `${r.history.before.toExponential(3)} → ${r.history.after.toExponential(3)}`,
   );
+});
+
+// ---------------------------------------------------------------------------------------------
+// The end-to-end stage (quantize/e2e.ts).
+
+/** A float model of `c` (random blocks, final norm, head) and its 2-bit RTN copy. */
+function syntheticModel(c: ModelConfig, seed: number, bits: 2 | 3 | 4, groupSize: number) {
+  const r = rng(seed), g = gauss(r);
+  const float = Array.from({ length: c.nLayers }, (_, l) => randomParams(c, seed + 10 * l));
+  const shapes = linearShapes(c);
+  const blocks: Stage2Block[] = float.map((p) => {
+    const linears = {} as Stage2Block["linears"];
+    for (const key of LINEAR_KEYS) {
+      const [N, K] = shapes[key];
+      linears[key] = rtnQuantize(p.linears[key], N, K, { bits, groupSize });
+    }
+    return { linears, attnNorm: p.attnNorm as Float32Array, ffnNorm: p.ffnNorm as Float32Array };
+  });
+  const finalNorm = Float32Array.from({ length: c.dim }, () => 1 + 0.3 * r());
+  const head = Float32Array.from({ length: c.vocabSize * c.dim }, () => (2 * g()) / c.dim ** 0.5);
+  return { float, quantized: { blocks, finalNorm, head } as E2EModel };
+}
+
+/** The float model's final-normed hidden states on each input. */
+function teacherStates(
+  c: ModelConfig,
+  float: BlockParams[],
+  g: Float32Array,
+  inputs: Float32Array[],
+) {
+  return inputs.map((x0) => {
+    const T = x0.length / c.dim;
+    let x: Float64Array | Float32Array = x0;
+    for (const p of float) {
+      const bm = new BlockMath(c, T);
+      bm.setParams(p);
+      x = Float64Array.from(bm.forward(x, T));
+    }
+    const y = new Float64Array(T * c.dim);
+    rmsnormForward(
+      y,
+      new Float64Array(T),
+      x as Float64Array,
+      Float64Array.from(g),
+      T,
+      c.dim,
+      c.normEps,
+    );
+    return Float32Array.from(y);
+  });
+}
+
+Deno.test("model KL backward matches central differences", () => {
+  const c = syntheticConfig({ ...tinyBlock(false), nLayers: 2, vocabSize: 11 }), T = 4;
+  const { float, quantized } = syntheticModel(c, 21, 2, 8);
+  const p = float.map(toF64);
+  const x = Float64Array.from(randomInput(T, c.dim, 7));
+  const teacher = Float64Array.from(randomInput(T, c.dim, 8));
+  const gF = Float64Array.from(quantized.finalNorm);
+  const mm = new ModelMath(c, quantized.head, T);
+  const kl = () => {
+    p.forEach((b, l) => mm.bms[l].setParams(b));
+    mm.setFinalNorm(gF);
+    return mm.klSum(x, teacher, T);
+  };
+  kl();
+  const grads = {
+    blocks: p.map(() => createGrads(c)),
+    finalNorm: new Float64Array(c.dim),
+    scale: 1,
+  };
+  p.forEach((b, l) => mm.bms[l].setParams(b));
+  const k0 = mm.klSum(x, teacher, T, grads);
+  assert.ok(k0 > 0.01, `KL ${k0}: the teacher is not the model`);
+  const check = (name: string, v: Float64Array, analytic: Float64Array) =>
+    checkGradient(name, v, analytic, kl, 1e-6, 1e-5);
+  check("final norm", gF, grads.finalNorm);
+  for (const l of [0, 1]) {
+    check(`block ${l} w1`, p[l].linears.w1 as Float64Array, grads.blocks[l].linears.w1);
+    check(`block ${l} wq`, p[l].linears.wq as Float64Array, grads.blocks[l].linears.wq);
+    check(`block ${l} attnNorm`, p[l].attnNorm as Float64Array, grads.blocks[l].attnNorm);
+  }
+});
+
+Deno.test("tuneEndToEnd lowers a 2-bit model's KL to the float model, codes untouched", () => {
+  const c = syntheticConfig({
+    dim: 32,
+    hiddenDim: 48,
+    nHeads: 4,
+    nKvHeads: 2,
+    headDim: 8,
+    vocabSize: 64,
+  });
+  const { float, quantized } = syntheticModel(c, 5, 2, 16);
+  const inputs = [24, 32, 16, 32, 28, 20].map((T, i) => randomInput(T, c.dim, 40 + i));
+  const teacher = teacherStates(c, float, quantized.finalNorm, inputs);
+  const q0 = quantized.blocks.map((b) => b.linears.w2.q.slice());
+  const r = tuneEndToEnd(c, quantized, inputs, teacher, { epochs: 4, lr: 1e-2, batchTokens: 64 });
+  const h = r.history;
+  console.log(
+    `synthetic 2-bit g16 model: KL ${h.before.toExponential(3)} → ${h.after.toExponential(3)}`,
+  );
+  assert.ok(h.improved && h.after < 0.8 * h.before, `KL ${h.before} → ${h.after}`);
+  r.model.blocks.forEach((b, l) => {
+    assert.deepEqual(b.linears.w2.q, q0[l]);
+    for (const key of LINEAR_KEYS) {
+      for (const a of [b.linears[key].scale, b.linears[key].zero]) {
+        assert.ok(a.every((v) => Math.f16round(v) === v), `${key}: s/z not fp16-exact`);
+      }
+    }
+  });
+  // what the history reports is what comes back: tuning the result from there starts at `after`
+  const again = tuneEndToEnd(c, r.model, inputs, teacher, { epochs: 0 });
+  assert.equal(again.history.before, h.after);
+});
+
+Deno.test("tuneEndToEnd never returns a worse model", () => {
+  const c = syntheticConfig({
+    dim: 16,
+    hiddenDim: 24,
+    nHeads: 2,
+    nKvHeads: 1,
+    headDim: 8,
+    vocabSize: 32,
+  });
+  const { float, quantized } = syntheticModel(c, 6, 3, 8);
+  const inputs = [12, 16].map((T, i) => randomInput(T, c.dim, 50 + i));
+  const teacher = teacherStates(c, float, quantized.finalNorm, inputs);
+  const r = tuneEndToEnd(c, quantized, inputs, teacher, { epochs: 2, lr: 30 });
+  assert.equal(r.history.improved, false);
+  assert.equal(r.model, quantized);
+  assert.equal(r.history.after, r.history.before);
 });
