@@ -33,7 +33,6 @@ import {
   dequantInto,
   miniBatches,
   normParam,
-  scaleZeroGrads,
   type Stage2Block,
 } from "./stage2.ts";
 
@@ -249,19 +248,7 @@ export function tuneEndToEnd(
       const n = batch.reduce((a, i) => a + lengths[i], 0);
       grads.scale = 1 / (n * Math.max(before, 1e-12)); // Adam is scale-free but for its eps
       for (const i of batch) sum += mm.klSum(inputs[i], teacher[i], lengths[i], grads);
-      params.forEach((p, l) => {
-        const g = grads.blocks[l];
-        for (const key of LINEAR_KEYS) {
-          scaleZeroGrads(
-            g.linears[key],
-            model.blocks[l].linears[key],
-            p.s[key].grad,
-            p.z[key].grad,
-          );
-        }
-        p.g1.grad.set(g.attnNorm);
-        p.g2.grad.set(g.ffnNorm);
-      });
+      params.forEach((p, l) => p.setGrads(grads.blocks[l]));
       gF.grad.set(grads.finalNorm);
       step++;
       const factor = 0.5 * (1 + Math.cos(Math.PI * Math.min(1, (step - 1) / totalSteps)));

@@ -183,9 +183,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     await resumeState.remove();
     let e2e: E2EReport | null = null;
     if (o.e2e && sample) {
-      const seqs = sample(o.e2e.samples);
-      log(`e2e: ${seqs.length} calibration sequences`);
-      e2e = await tuneLowbitFile(gpu!, ckpt, seqs, o.out, { ...o.e2e, log });
+      e2e = await tuneLowbitFile(gpu!, ckpt, sample(o.e2e.samples), o.out, { ...o.e2e, log });
     }
     return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports, e2e };
   } finally {

@@ -16,6 +16,7 @@ import { ParameterError, ShapeError } from "../runtime/errors.ts";
 import { mulberry32 } from "../runtime/sampling.ts";
 import {
   type BlockConfig,
+  type BlockGrads,
   BlockMath,
   type BlockParams,
   createGrads,
@@ -128,7 +129,7 @@ export function dequantInto(out: Float64Array, ql: QuantizedLinear, s: FloatArra
 }
 
 /** ds[n, g] = Σ_{k∈g} dŴ[n, k]·q[n, k], dz[n, g] = Σ_{k∈g} dŴ[n, k] (overwritten). */
-export function scaleZeroGrads(
+function scaleZeroGrads(
   dW: Float64Array,
   ql: QuantizedLinear,
   ds: Float64Array,
@@ -272,7 +273,15 @@ export function blockParamsAdam(block: Stage2Block, lrRel: number) {
     z[key] = new AdamParam(Float64Array.from(ql.zero), lrRel * ref);
   }
   const g1 = normParam(block.attnNorm, lrRel), g2 = normParam(block.ffnNorm, lrRel);
-  return { s, z, g1, g2, all: [...LINEAR_KEYS.flatMap((k) => [s[k], z[k]]), g1, g2] };
+  /** Sets every parameter's gradient from the block's dL/dŴ and norm gradients. */
+  const setGrads = (grads: BlockGrads) => {
+    for (const key of LINEAR_KEYS) {
+      scaleZeroGrads(grads.linears[key], block.linears[key], s[key].grad, z[key].grad);
+    }
+    g1.grad.set(grads.attnNorm);
+    g2.grad.set(grads.ffnNorm);
+  };
+  return { s, z, g1, g2, all: [...LINEAR_KEYS.flatMap((k) => [s[k], z[k]]), g1, g2], setGrads };
 }
 
 function meanAbs(a: ArrayLike<number>): number {
@@ -312,7 +321,7 @@ export function tuneBlock(
   const count = lengths.reduce((a, b) => a + b, 0) * c.dim;
 
   // The parameters being trained (float64 masters) and their Adam state.
-  const { s, z, g1, g2, all } = blockParamsAdam(block, lrRel);
+  const { s, z, g1, g2, all, setGrads } = blockParamsAdam(block, lrRel);
 
   // Float64 parameters handed to the block: Ŵ from the masters (or from a rounded candidate).
   const shapes = linearShapes(c);
@@ -371,11 +380,7 @@ export function tuneBlock(
         }
         bm.backward(dOut, grads);
       }
-      for (const key of LINEAR_KEYS) {
-        scaleZeroGrads(grads.linears[key], block.linears[key], s[key].grad, z[key].grad);
-      }
-      g1.grad.set(grads.attnNorm);
-      g2.grad.set(grads.ffnNorm);
+      setGrads(grads);
       step++;
       const factor = schedule === "cosine"
         ? 0.5 * (1 + Math.cos(Math.PI * Math.min(1, (step - 1) / totalSteps)))
