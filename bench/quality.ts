@@ -3,7 +3,9 @@
  * 1+2, and stage 1+2 then the end-to-end stage) models at several bit widths, with each file's
  * bits per weight and the time its quantization took, written to bench/QUALITY.md. Each row
  * runs the real commands (quantize, eval) as subprocesses; finished rows are kept in
- * bench/quality.json, so an interrupted run resumes where it stopped (`--fresh` starts over, `--only stories|novels` picks a model).
+ * bench/quality.json, so an interrupted run resumes where it stopped (`--fresh` starts over,
+ * `--only stories|novels` picks a model, `--setting "W2 g64"` one setting). Finished rows are
+ * merged into the cache as they land, so runs for different settings may go side by side.
  */
 import { parseArgs } from "node:util";
 
@@ -24,6 +26,8 @@ interface Suite {
   calib: string;
   calibArgs: string[];
   settings: [number, number][]; // bits, group size
+  /** Extra quantize arguments of the end-to-end row, and how the table states them. */
+  e2e: { args: string[]; note: string };
   evals: Eval[];
 }
 
@@ -34,6 +38,7 @@ const SUITES: Suite[] = [
     calib: `${SHARED}data/tinystories/TinyStories-valid-sample.txt`,
     calibArgs: ["--calib-samples", "0", "--calib-seqlen", "512"],
     settings: [[4, 32], [3, 32], [2, 32], [2, 64]],
+    e2e: { args: [], note: "2 epochs over 512 calibration sequences" },
     evals: [
       {
         label: "TinyStories (per line)",
@@ -53,6 +58,10 @@ const SUITES: Suite[] = [
     calib: `${SHARED}data/novels/calib.txt`,
     calibArgs: ["--calib-samples", "128", "--calib-seqlen", "256"],
     settings: [[4, 128], [3, 64], [2, 64], [2, 32]],
+    e2e: {
+      args: ["--e2e-samples", "1024"],
+      note: "2 epochs over 1024 calibration sequences",
+    },
     evals: [
       {
         label: "novels held-out (20k tokens)",
@@ -76,6 +85,7 @@ const METHODS = [
   {
     label: "decoupleQ stage 1+2+e2e",
     args: ["--method", "decoupleq", "--stage2", "--e2e-epochs", "2", "--calib"],
+    e2e: true,
   },
 ];
 
@@ -120,9 +130,10 @@ function render(rows: Row[]): string {
     `CPU reference running each file's dequantized weights; lower is better). Bits per weight ` +
     `count the codes and the fp16 s, z of the linear layers.\n`;
   for (const s of SUITES) {
-    md += `\n## ${s.name}\n\n| method | setting | bits/weight | ${
-      s.evals.map((e) => e.label).join(" | ")
-    } | quantize time |\n`;
+    md +=
+      `\n## ${s.name}\n\nThe end-to-end stage: ${s.e2e.note}.\n\n| method | setting | bits/weight | ${
+        s.evals.map((e) => e.label).join(" | ")
+      } | quantize time |\n`;
     md += `| --- | --- | --- | ${s.evals.map(() => "---").join(" | ")} | --- |\n`;
     for (const r of rows.filter((r) => r.suite === s.name)) {
       const bpw = r.bitsPerWeight === null ? "32" : r.bitsPerWeight.toFixed(2);
@@ -138,22 +149,38 @@ function render(rows: Row[]): string {
 export async function benchQuality(args: string[]): Promise<void> {
   const { values } = parseArgs({
     args,
-    options: { fresh: { type: "boolean", default: false }, only: { type: "string" } },
+    options: {
+      fresh: { type: "boolean", default: false },
+      only: { type: "string" },
+      setting: { type: "string" },
+    },
   });
-  let rows: Row[] = [];
-  if (!values.fresh) rows = await Deno.readTextFile(CACHE).then(JSON.parse, () => []);
-  const save = async () => {
+  const load = (): Promise<Row[]> => Deno.readTextFile(CACHE).then(JSON.parse, () => []);
+  const suites = SUITES.filter((s) => !values.only || s.name.startsWith(values.only));
+  if (
+    values.setting &&
+    !suites.some((s) => s.settings.some(([b, g]) => `W${b} g${g}` === values.setting))
+  ) {
+    throw new Error(`--setting ${values.setting}: no such setting (e.g. "W2 g64")`);
+  }
+  if (values.fresh) await Deno.remove(CACHE).catch(() => {});
+  let rows = await load();
+  const same = (a: Row, b: Row) =>
+    a.suite === b.suite && a.method === b.method && a.setting === b.setting;
+  /** Adds `row` to what the cache holds now (another run may have added rows since). */
+  const save = async (row: Row) => {
+    rows = [...(await load()).filter((r) => !same(r, row)), row];
     await Deno.writeTextFile(CACHE, JSON.stringify(rows, null, 1));
     await Deno.writeTextFile(OUT, render(rows));
   };
   const tmp = await Deno.makeTempDir();
-  for (const s of SUITES.filter((s) => !values.only || s.name.startsWith(values.only))) {
+  for (const s of suites) {
     const have = (method: string, setting: string) =>
       rows.some((r) => r.suite === s.name && r.method === method && r.setting === setting);
     if (!have("fp32", "")) {
       const ppl = [];
       for (const e of s.evals) ppl.push(await evaluate(s.model, e));
-      rows.push({
+      await save({
         suite: s.name,
         method: "fp32",
         setting: "",
@@ -161,11 +188,11 @@ export async function benchQuality(args: string[]): Promise<void> {
         quantizeSeconds: null,
         ppl,
       });
-      await save();
     }
     for (const [bits, g] of s.settings) {
+      const setting = `W${bits} g${g}`;
+      if (values.setting && values.setting !== setting) continue;
       for (const m of METHODS) {
-        const setting = `W${bits} g${g}`;
         if (have(m.label, setting)) continue;
         const file = `${tmp}/${s.name}-${bits}-${g}.lowbit`;
         console.error(`== ${s.name} ${m.label} ${setting}`);
@@ -182,13 +209,14 @@ export async function benchQuality(args: string[]): Promise<void> {
           ...m.args,
           s.calib,
           ...s.calibArgs,
+          ...("e2e" in m ? s.e2e.args : []),
         ]);
         const report = JSON.parse(await Deno.readTextFile(`${file}.report.json`));
         const inspect = await run(["runtime/inspect_cmd.ts", file]);
         const bpw = Number(/linear layers: bits\/weight\s+([\d.]+)/.exec(inspect)?.[1] ?? NaN);
         const ppl = [];
         for (const e of s.evals) ppl.push(await evaluate(file, e));
-        rows.push({
+        await save({
           suite: s.name,
           method: m.label,
           setting,
@@ -196,7 +224,6 @@ export async function benchQuality(args: string[]): Promise<void> {
           quantizeSeconds: report.seconds,
           ppl,
         });
-        await save();
         console.error(`   perplexity ${ppl.map((p) => p.toFixed(2)).join(" / ")}`);
       }
     }
