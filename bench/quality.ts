@@ -38,7 +38,7 @@ const SUITES: Suite[] = [
     calib: `${SHARED}data/tinystories/TinyStories-valid-sample.txt`,
     calibArgs: ["--calib-samples", "0", "--calib-seqlen", "512"],
     settings: [[4, 32], [3, 32], [2, 32], [2, 64]],
-    e2e: { args: [], note: "2 epochs over 512 calibration sequences" },
+    e2e: { args: [], note: "2 epochs over all 40 calibration sequences" },
     evals: [
       {
         label: "TinyStories (per line)",
@@ -128,7 +128,8 @@ function render(rows: Row[]): string {
   let md =
     `# lowbit quantization quality\n\nWritten by \`deno task bench quality\` (perplexity from the float64 ` +
     `CPU reference running each file's dequantized weights; lower is better). Bits per weight ` +
-    `count the codes and the fp16 s, z of the linear layers.\n`;
+    `count the codes and the fp16 s, z of the linear layers. Quantize times are wall-clock on a ` +
+    `2-core machine, sometimes shared by settings run side by side.\n`;
   for (const s of SUITES) {
     md +=
       `\n## ${s.name}\n\nThe end-to-end stage: ${s.e2e.note}.\n\n| method | setting | bits/weight | ${
@@ -229,5 +230,7 @@ export async function benchQuality(args: string[]): Promise<void> {
     }
   }
   await Deno.remove(tmp, { recursive: true });
-  console.log(render(rows));
+  const md = render(await load()); // with the rows of any run beside this one
+  await Deno.writeTextFile(OUT, md);
+  console.log(md);
 }
