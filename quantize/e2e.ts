@@ -18,6 +18,7 @@ import {
   BlockMath,
   createGrads,
   type FloatArray,
+  gemmABt,
   LINEAR_KEYS,
   type LinearKey,
   linearShapes,
@@ -26,7 +27,6 @@ import {
   transpose,
   zeroGrads,
 } from "./block_math.ts";
-import { f64, gemmABt } from "./gemm_pool.ts";
 import type { QuantizedLinear } from "./qtensor.ts";
 import {
   blockParamsAdam,
@@ -84,12 +84,11 @@ export class ModelMath {
     const V = c.vocabSize, D = c.dim;
     if (head.length !== V * D) throw new ShapeError(`e2e: head has ${head.length}, not ${V}·${D}`);
     this.bms = Array.from({ length: c.nLayers }, () => new BlockMath(c, maxT));
-    this.#head = f64(V * D);
-    this.#head.set(head);
-    this.#headT = f64(V * D);
+    this.#head = Float64Array.from(head);
+    this.#headT = new Float64Array(V * D);
     transpose(this.#headT, this.#head, V, D);
     this.#gF = new Float64Array(D);
-    const f = (n: number) => f64(maxT * n);
+    const f = (n: number) => new Float64Array(maxT * n);
     this.#x = f(D), this.#xn = f(D), this.#inv = f(1), this.#dxn = f(D);
     this.#logits = f(V), this.#tLogits = f(V);
     this.#dx = [f(D), f(D)];

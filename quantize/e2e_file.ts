@@ -12,7 +12,6 @@ import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import { LINEAR_KEYS, type LinearKey } from "./block_math.ts";
 import { linearName } from "./block_runner.ts";
-import { withArena } from "./gemm_pool.ts";
 import { E2E_DEFAULTS, type E2EHistory, type E2EOptions, tuneEndToEnd } from "./e2e.ts";
 import { packQ, unpackQ } from "./pack.ts";
 import type { QuantizedLinear } from "./qtensor.ts";
@@ -67,10 +66,10 @@ export async function tuneLowbitFile(
     const head = await q.read(c.tiedEmbeddings ? T.embed : T.lmHead);
     const inputs = await embedInputs(q, seqs);
     log(`e2e: ${seqs.length} sequences, ${c.nLayers} blocks`);
-    const finalNorm = await q.read(T.norm);
-    const r = withArena(() =>
-      tuneEndToEnd(c, { blocks, finalNorm, head }, inputs, teacher, { ...opts, log })
-    );
+    const r = tuneEndToEnd(c, { blocks, finalNorm: await q.read(T.norm), head }, inputs, teacher, {
+      ...opts,
+      log,
+    });
 
     const tuned = new Map<string, Float32Array | PackedTensor>([[T.norm, r.model.finalNorm]]);
     r.model.blocks.forEach((b, l) => {

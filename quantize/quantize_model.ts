@@ -22,7 +22,6 @@ import { rtnQuantize } from "./rtn.ts";
 import type { Bits, QuantizedLinear } from "./qtensor.ts";
 import type { PackedTensor } from "../runtime/checkpoint.ts";
 import { type E2EReport, tuneLowbitFile } from "./e2e_file.ts";
-import { type GemmPool, startGemmPool } from "./gemm_pool.ts";
 
 export interface QuantizeModelOptions {
   model: string;
@@ -34,7 +33,7 @@ export interface QuantizeModelOptions {
   /** Calibration text and sampling; required for gptq and decoupleq. */
   calib?: { path: string; seqLen?: number; samples: number; seed: number };
   iters?: number;
-  /** CPU threads for decoupleQ stage 1, stage 2 and the end-to-end stage (default: all cores). */
+  /** CPU threads for decoupleQ stage 1 (default: all cores). */
   threads?: number;
   /** Pack the logits layer too (a tied model's file gets an untied, packed lm_head). */
   quantizeHead?: boolean;
@@ -79,7 +78,6 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     throw new ParameterError(`--threads must be a positive integer; got ${o.threads}`);
   }
   const ckpt = await openCheckpoint(o.model);
-  let pool: GemmPool | null = null;
   try {
     const src = ckpt.config;
     // a packed logits layer is a tensor of its own, even where the checkpoint ties it
@@ -121,10 +119,6 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     let calibTokens = 0;
     let sample: ((samples: number) => number[][]) | null = null;
     const gpu = o.calib ? await createGpu() : null;
-    // stage 2 and the end-to-end stage multiply float64 matrices on every core
-    if (o.calib && (o.stage2 || o.e2e)) {
-      pool = await startGemmPool(o.threads ?? navigator.hardwareConcurrency);
-    }
     try {
       // float tensors other than the block norms (which stage 2 may tune) first, one at a time
       const blockNorms = new Set(
@@ -193,7 +187,6 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     }
     return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports, e2e };
   } finally {
-    pool?.stop();
     ckpt.close();
   }
 }

@@ -14,7 +14,6 @@ import { diagonal, rtnQuantize } from "./rtn.ts";
 import { gptqQuantize } from "./gptq.ts";
 import { decoupleQParallel } from "./decoupleq_parallel.ts";
 import { tuneBlock } from "./stage2.ts";
-import { withArena } from "./gemm_pool.ts";
 import type { LinearKey } from "./block_math.ts";
 
 export type Method = "rtn" | "gptq" | "decoupleq";
@@ -182,14 +181,12 @@ export async function quantizeSequential(
           bv: await ckpt.read(T.bv(l)),
         }
         : null;
-      const r = withArena(() =>
-        tuneBlock(
-          c,
-          { linears: qls, attnNorm, ffnNorm, bias },
-          inputs,
-          targets,
-          { ...opts.stage2, log: (line) => log(`block ${l} ${line}`) },
-        )
+      const r = tuneBlock(
+        c,
+        { linears: qls, attnNorm, ffnNorm, bias },
+        inputs,
+        targets,
+        { ...opts.stage2, log: (line) => log(`block ${l} ${line}`) },
       );
       Object.assign(qls, r.block.linears);
       ({ attnNorm, ffnNorm } = r.block);

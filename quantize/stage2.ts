@@ -26,7 +26,6 @@ import {
   linearShapes,
   zeroGrads,
 } from "./block_math.ts";
-import { f64 } from "./gemm_pool.ts";
 import { checkQuantizedLinear, nGroups, type QuantizedLinear } from "./qtensor.ts";
 
 /** One quantized decoder block: the tunable state of stage 2 (biases stay fixed). */
@@ -361,7 +360,7 @@ export function tuneBlock(
   const schedule = opts.schedule ?? STAGE2_DEFAULTS.schedule;
   const totalSteps = epochs * miniBatches(lengths, batchTokens, () => 0).length;
   const grads = createGrads(c);
-  const dOutBuf = f64(Math.max(...lengths) * c.dim);
+  const dOutBuf = new Float64Array(Math.max(...lengths) * c.dim);
   let step = 0;
   const epochMs: number[] = [];
   for (let epoch = 1; epoch <= epochs && before > 0; epoch++) {

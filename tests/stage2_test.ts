@@ -16,7 +16,6 @@ import {
   rmsnormForward,
 } from "../quantize/block_math.ts";
 import { type E2EModel, ModelMath, tuneEndToEnd } from "../quantize/e2e.ts";
-import { startGemmPool, withArena } from "../quantize/gemm_pool.ts";
 import { blockMse, type Stage2Block, tuneBlock } from "../quantize/stage2.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
 import { type ModelConfig, tensorNames as TN } from "../runtime/config.ts";
@@ -398,24 +397,6 @@ Deno.test("tuneEndToEnd lowers a 2-bit model's KL to the float model, codes unto
   // what the history reports is what comes back: tuning the result from there starts at `after`
   const again = tuneEndToEnd(c, r.model, inputs, teacher, { epochs: 0 });
   assert.equal(again.history.before, h.after);
-});
-
-Deno.test("tuneEndToEnd on a gemm pool of 3 threads returns the serial result exactly", async () => {
-  const c = syntheticConfig({ ...tinyBlock(false), nLayers: 2, vocabSize: 40 });
-  const { float, quantized } = syntheticModel(c, 9, 2, 8);
-  const inputs = [13, 9, 16].map((T, i) => randomInput(T, c.dim, 60 + i));
-  const teacher = teacherStates(c, float, quantized.finalNorm, inputs);
-  const opts = { epochs: 2, lr: 1e-2, batchTokens: 24 };
-  const serial = tuneEndToEnd(c, quantized, inputs, teacher, opts);
-  const pool = await startGemmPool(3, { minMacs: 0 });
-  try {
-    const pooled = withArena(() => tuneEndToEnd(c, quantized, inputs, teacher, opts));
-    assert.ok(serial.history.improved);
-    assert.deepEqual(pooled.history, serial.history);
-    assert.deepEqual(pooled.model, serial.model);
-  } finally {
-    pool.stop();
-  }
 });
 
 Deno.test("tuneEndToEnd never returns a worse model", () => {
