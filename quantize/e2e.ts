@@ -30,6 +30,7 @@ import {
 import type { QuantizedLinear } from "./qtensor.ts";
 import {
   blockParamsAdam,
+  cosineFactor,
   dequantInto,
   miniBatches,
   normParam,
@@ -251,8 +252,7 @@ export function tuneEndToEnd(
       params.forEach((p, l) => p.setGrads(grads.blocks[l]));
       gF.grad.set(grads.finalNorm);
       step++;
-      const factor = 0.5 * (1 + Math.cos(Math.PI * Math.min(1, (step - 1) / totalSteps)));
-      for (const p of all) p.step(step, factor);
+      for (const p of all) p.step(step, cosineFactor(step, totalSteps));
     }
     train.push(sum / tokens);
     log(

@@ -255,6 +255,11 @@ export function miniBatches(
   return batches;
 }
 
+/** The learning-rate factor of step 1, 2, … of `totalSteps` on a cosine schedule: 1 → 0. */
+export function cosineFactor(step: number, totalSteps: number): number {
+  return 0.5 * (1 + Math.cos(Math.PI * Math.min(1, (step - 1) / totalSteps)));
+}
+
 /** An Adam parameter for a norm weight vector, its lr `lrRel` times mean|g|. */
 export function normParam(g: Float32Array, lrRel: number): AdamParam {
   return new AdamParam(Float64Array.from(g), lrRel * (meanAbs(g) || 1));
@@ -382,9 +387,7 @@ export function tuneBlock(
       }
       setGrads(grads);
       step++;
-      const factor = schedule === "cosine"
-        ? 0.5 * (1 + Math.cos(Math.PI * Math.min(1, (step - 1) / totalSteps)))
-        : 1;
+      const factor = schedule === "cosine" ? cosineFactor(step, totalSteps) : 1;
       for (const p of all) p.step(step, factor);
     }
     const cand = rounded();
