@@ -20,14 +20,21 @@ interface Eval {
   args: string[];
 }
 
+interface E2ERun {
+  args: string[];
+  note: string;
+}
+
 interface Suite {
   name: string;
   model: string;
   calib: string;
   calibArgs: string[];
   settings: [number, number][]; // bits, group size
-  /** Extra quantize arguments of the end-to-end row, and how the table states them. */
-  e2e: { args: string[]; note: string };
+  /** Quantize arguments of the end-to-end stage, and how the table states them. */
+  e2e: E2ERun;
+  /** Other end-to-end settings for some settings, e.g. `{ "W2 g32": … }`. */
+  e2eBySetting?: Record<string, E2ERun>;
   evals: Eval[];
 }
 
@@ -38,7 +45,7 @@ const SUITES: Suite[] = [
     calib: `${SHARED}data/tinystories/TinyStories-valid-sample.txt`,
     calibArgs: ["--calib-samples", "0", "--calib-seqlen", "512"],
     settings: [[4, 32], [3, 32], [2, 32], [2, 64]],
-    e2e: { args: [], note: "2 epochs over all 40 calibration sequences" },
+    e2e: { args: ["--e2e-epochs", "2"], note: "2 epochs over all 40 calibration sequences" },
     evals: [
       {
         label: "TinyStories (per line)",
@@ -59,8 +66,14 @@ const SUITES: Suite[] = [
     calibArgs: ["--calib-samples", "128", "--calib-seqlen", "256"],
     settings: [[4, 128], [3, 64], [2, 64], [2, 32]],
     e2e: {
-      args: ["--e2e-samples", "1024"],
-      note: "2 epochs over 1024 calibration sequences",
+      args: ["--e2e-epochs", "2", "--e2e-samples", "1024"],
+      note: "2 epochs over 1024 calibration sequences (lines)",
+    },
+    e2eBySetting: {
+      "W2 g32": {
+        args: ["--e2e-epochs", "3", "--e2e-samples", "420", "--e2e-windows"],
+        note: "3 epochs over 420 windows of the whole calibration text, as eval reads a text",
+      },
     },
     evals: [
       {
@@ -84,7 +97,7 @@ const METHODS = [
   { label: "decoupleQ stage 1+2", args: ["--method", "decoupleq", "--stage2", "--calib"] },
   {
     label: "decoupleQ stage 1+2+e2e",
-    args: ["--method", "decoupleq", "--stage2", "--e2e-epochs", "2", "--calib"],
+    args: ["--method", "decoupleq", "--stage2", "--calib"],
     e2e: true,
   },
 ];
@@ -131,10 +144,11 @@ function render(rows: Row[]): string {
     `count the codes and the fp16 s, z of the linear layers. Quantize times are wall-clock on a ` +
     `2-core machine, sometimes shared by settings run side by side.\n`;
   for (const s of SUITES) {
-    md +=
-      `\n## ${s.name}\n\nThe end-to-end stage: ${s.e2e.note}.\n\n| method | setting | bits/weight | ${
-        s.evals.map((e) => e.label).join(" | ")
-      } | quantize time |\n`;
+    md += `\n## ${s.name}\n\nThe end-to-end stage: ${s.e2e.note}${
+      Object.entries(s.e2eBySetting ?? {}).map(([k, e]) => `; at ${k}, ${e.note}`).join("")
+    }.\n\n| method | setting | bits/weight | ${
+      s.evals.map((e) => e.label).join(" | ")
+    } | quantize time |\n`;
     md += `| --- | --- | --- | ${s.evals.map(() => "---").join(" | ")} | --- |\n`;
     for (const r of rows.filter((r) => r.suite === s.name)) {
       const bpw = r.bitsPerWeight === null ? "32" : r.bitsPerWeight.toFixed(2);
@@ -210,7 +224,7 @@ export async function benchQuality(args: string[]): Promise<void> {
           ...m.args,
           s.calib,
           ...s.calibArgs,
-          ...("e2e" in m ? s.e2e.args : []),
+          ...("e2e" in m ? (s.e2eBySetting?.[setting] ?? s.e2e).args : []),
         ]);
         const report = JSON.parse(await Deno.readTextFile(`${file}.report.json`));
         const inspect = await run(["runtime/inspect_cmd.ts", file]);

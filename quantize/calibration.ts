@@ -1,6 +1,7 @@
-/** Calibration sequences from a text file: one or more per line, BOS first. */
+/** Calibration sequences from a text file, BOS first: cut from each line, or from the whole text. */
 import type { Tokenizer } from "../runtime/tokenizer.ts";
 import { ParameterError } from "../runtime/errors.ts";
+import { splitWindows, textWindows } from "../runtime/perplexity.ts";
 import { pcgHash } from "../runtime/sampling.ts";
 
 export interface CalibrationOptions {
@@ -9,12 +10,17 @@ export interface CalibrationOptions {
   /** Sequences to keep (0 = all); chosen at random (seeded) when there are more. */
   samples: number;
   seed: number;
+  /**
+   * Cut the sequences from the whole text, line breaks included, as `eval` reads a text
+   * ({@link textWindows}), instead of from each line.
+   */
+  windows?: boolean;
 }
 
 /**
  * Each non-empty line is tokenized and split into chunks of seqLen − 1 tokens, each with BOS
- * in front (as the stories260K reference: BOS per line, 511-token chunks); `samples` of them
- * are kept, in file order.
+ * in front (as the stories260K reference: BOS per line, 511-token chunks), or with `windows`
+ * the whole text is; `samples` of the chunks are kept, in file order.
  */
 export function calibrationSequences(
   tok: Tokenizer,
@@ -24,14 +30,12 @@ export function calibrationSequences(
   if (!Number.isInteger(o.seqLen) || o.seqLen < 2) {
     throw new ParameterError(`calibration sequence length must be an integer ≥ 2; got ${o.seqLen}`);
   }
-  const seqs: number[][] = [];
-  for (const line of text.split("\n")) {
-    if (line.trim() === "") continue;
-    const ids = tok.encode(line, { bos: false });
-    for (let i = 0; i < ids.length; i += o.seqLen - 1) {
-      seqs.push([tok.bosId, ...ids.slice(i, i + o.seqLen - 1)]);
-    }
-  }
+  const chunks = o.windows
+    ? textWindows(tok, text, o.seqLen - 1)
+    : text.split("\n").filter((l) => l.trim() !== "").flatMap((line) =>
+      splitWindows(tok.encode(line, { bos: false }), o.seqLen - 1)
+    );
+  const seqs = chunks.filter((c) => c.length > 0).map((c) => [tok.bosId, ...c]);
   if (seqs.length === 0) throw new ParameterError("the calibration text has no non-empty line");
   if (o.samples <= 0 || o.samples >= seqs.length) return seqs;
   // seeded selection without replacement: sort by hash, keep the first `samples`, in file order

@@ -56,8 +56,14 @@ export interface E2EOptions {
 
 export const E2E_DEFAULTS = { epochs: 2, lr: 3e-3, batchTokens: 256, seed: 0 } as const;
 
+/** The KL before and after tuning is measured on (at most) this many of the sequences. */
+export const E2E_KL_SEQUENCES = 128;
+
 export interface E2EHistory {
-  /** Mean KL per token (nats) of the input model, of each epoch's training steps, and returned. */
+  /**
+   * Mean KL per token (nats): of the input model and of the returned one on the first
+   * {@link E2E_KL_SEQUENCES} sequences, and of each epoch's training steps on all of them.
+   */
   before: number;
   train: number[];
   after: number;
@@ -222,15 +228,17 @@ export function tuneEndToEnd(
     });
     mm.setFinalNorm(rounded ? Float32Array.from(gF.value) : gF.value);
   };
+  const klSeqs = Math.min(inputs.length, E2E_KL_SEQUENCES);
+  const klTokens = lengths.slice(0, klSeqs).reduce((a, b) => a + b, 0);
   const meanKl = () => {
     let kl = 0;
-    for (let i = 0; i < inputs.length; i++) kl += mm.klSum(inputs[i], teacher[i], lengths[i]);
-    return kl / tokens;
+    for (let i = 0; i < klSeqs; i++) kl += mm.klSum(inputs[i], teacher[i], lengths[i]);
+    return kl / klTokens;
   };
 
   load(true);
   const before = meanKl();
-  log(`e2e: KL before ${before.toExponential(4)} nats/token`);
+  log(`e2e: KL before ${before.toExponential(4)} nats/token (${klSeqs} sequences)`);
   const grads = {
     blocks: model.blocks.map(() => createGrads(c)),
     finalNorm: new Float64Array(D),

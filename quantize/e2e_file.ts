@@ -24,14 +24,15 @@ export interface E2EReport extends E2EHistory {
 
 /**
  * Tunes the quantized file `path` (made from `ckpt`) end to end on `seqs` and rewrites it in
- * place (through a temporary file beside it).
+ * place (through a temporary file beside it). `windows` (recorded in the header) says that
+ * `seqs` were cut from the whole calibration text rather than from its lines.
  */
 export async function tuneLowbitFile(
   gpu: Gpu,
   ckpt: Checkpoint,
   seqs: number[][],
   path: string,
-  opts: E2EOptions,
+  opts: E2EOptions & { windows?: boolean },
 ): Promise<E2EReport> {
   const log = opts.log ?? (() => {});
   const teacher = await floatFinalHidden(gpu, ckpt, seqs);
@@ -86,6 +87,7 @@ export async function tuneLowbitFile(
           epochs: opts.epochs ?? E2E_DEFAULTS.epochs,
           lr: opts.lr ?? E2E_DEFAULTS.lr,
           samples: seqs.length,
+          windows: opts.windows ?? false,
         },
       },
       tensors: tensors.map((e) => ({

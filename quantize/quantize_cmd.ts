@@ -30,6 +30,8 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
                                 model's next-token distributions (KL); 0 = off (default 0)
   --e2e-lr X                    its learning rate, relative as stage 2's (default 0.003)
   --e2e-samples N               its calibration sequences, 0 = all (default 512)
+  --e2e-windows                 cut them from the whole text, line breaks included, as eval reads
+                                a text (default: from each line, as the main calibration)
   --percdamp X                  Hessian damping, a fraction of its mean diagonal (default 0.01)
   --quantize-head               pack the logits layer too (default: it stays fp16)
   --no-compare                  skip the RTN/GPTQ losses in the per-layer report
@@ -70,6 +72,7 @@ async function main(args: string[]): Promise<void> {
       "e2e-epochs": { type: "string", default: "0" },
       "e2e-lr": { type: "string", default: "0.003" },
       "e2e-samples": { type: "string", default: "512" },
+      "e2e-windows": { type: "boolean", default: false },
       percdamp: { type: "string", default: "0.01" },
       tokenizer: { type: "string" },
       help: { type: "boolean", default: false },
@@ -128,6 +131,7 @@ async function main(args: string[]): Promise<void> {
         epochs: e2eEpochs,
         lr: positive("e2e-lr", a["e2e-lr"]!),
         samples: int("e2e-samples", a["e2e-samples"]!),
+        windows: a["e2e-windows"],
       }
       : null,
   });

@@ -48,9 +48,10 @@ export interface QuantizeModelOptions {
   /**
    * The end-to-end stage after the file is written ({@link tuneLowbitFile}): all s, z and norms
    * against the float model's next-token distributions, on `samples` calibration sequences
-   * (drawn as the main ones, with the same seed: a superset of them when larger).
+   * (drawn as the main ones, with the same seed: a superset of them when larger; with `windows`,
+   * cut from the whole text as `eval` reads it instead of from its lines).
    */
-  e2e?: { epochs: number; lr?: number; samples: number } | null;
+  e2e?: { epochs: number; lr?: number; samples: number; windows?: boolean } | null;
   /** Hessian damping as a fraction of its mean diagonal (default 0.01). */
   percdamp?: number;
   log?: (line: string) => void;
@@ -117,7 +118,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     };
     let reports: { layers: LayerReport[]; blocks: BlockReport[] } = { layers: [], blocks: [] };
     let calibTokens = 0;
-    let sample: ((samples: number) => number[][]) | null = null;
+    let sample: ((samples: number, windows?: boolean) => number[][]) | null = null;
     const gpu = o.calib ? await createGpu() : null;
     try {
       // float tensors other than the block norms (which stage 2 may tune) first, one at a time
@@ -135,11 +136,12 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
       };
       if (o.calib) {
         const text = await Deno.readTextFile(o.calib.path), calib = o.calib;
-        sample = (samples) =>
+        sample = (samples, windows) =>
           calibrationSequences(tokenizer, text, {
             seqLen: calib.seqLen ?? Math.min(c.seqLen, 512),
             samples,
             seed: calib.seed,
+            windows,
           });
         const seqs = sample(calib.samples);
         calibTokens = seqs.reduce((n, s) => n + s.length, 0);
@@ -183,7 +185,10 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     await resumeState.remove();
     let e2e: E2EReport | null = null;
     if (o.e2e && sample) {
-      e2e = await tuneLowbitFile(gpu!, ckpt, sample(o.e2e.samples), o.out, { ...o.e2e, log });
+      e2e = await tuneLowbitFile(gpu!, ckpt, sample(o.e2e.samples, o.e2e.windows), o.out, {
+        ...o.e2e,
+        log,
+      });
     }
     return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports, e2e };
   } finally {
