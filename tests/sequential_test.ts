@@ -209,7 +209,8 @@ Deno.test({
 });
 
 Deno.test({
-  name: "the end-to-end stage rewrites the file: lower KL, same codes, settings in the header",
+  name:
+    "the end-to-end stage (on windows of the text) rewrites the file: lower KL, same codes, settings in the header",
   ignore: !have,
   fn: () =>
     withTempDir(async (dir) => {
@@ -219,11 +220,16 @@ Deno.test({
       const r = await quantizeModel({
         ...opts,
         out: tuned,
-        e2e: { epochs: 2, lr: 1e-2, samples: 6 },
+        e2e: { epochs: 2, lr: 1e-2, samples: 6, windows: true },
       });
       assert.ok(r.e2e && r.e2e.improved && r.e2e.after < r.e2e.before, JSON.stringify(r.e2e));
       const [a, b] = [await openLowbit(plain), await openLowbit(tuned)];
-      assert.deepEqual(b.header.quantization.e2e, { epochs: 2, lr: 1e-2, samples: 6 });
+      assert.deepEqual(b.header.quantization.e2e, {
+        epochs: 2,
+        lr: 1e-2,
+        samples: 6,
+        windows: true,
+      });
       assert.equal(a.header.quantization.e2e, undefined);
       const name = T.w1(0);
       const [pa, pb] = [await a.readPacked(name), await b.readPacked(name)];
