@@ -150,7 +150,10 @@ function render(rows: Row[]): string {
       s.evals.map((e) => e.label).join(" | ")
     } | quantize time |\n`;
     md += `| --- | --- | --- | ${s.evals.map(() => "---").join(" | ")} | --- |\n`;
-    for (const r of rows.filter((r) => r.suite === s.name)) {
+    const settings = ["", ...s.settings.map(([b, g]) => `W${b} g${g}`)];
+    const methods = ["fp32", ...METHODS.map((m) => m.label)];
+    const order = (r: Row) => settings.indexOf(r.setting) * 100 + methods.indexOf(r.method);
+    for (const r of rows.filter((r) => r.suite === s.name).sort((a, b) => order(a) - order(b))) {
       const bpw = r.bitsPerWeight === null ? "32" : r.bitsPerWeight.toFixed(2);
       const t = r.quantizeSeconds === null ? "" : `${r.quantizeSeconds.toFixed(0)} s`;
       md += `| ${r.method} | ${r.setting} | ${bpw} | ${
