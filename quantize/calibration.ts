@@ -35,7 +35,7 @@ export function calibrationSequences(
     : text.split("\n").filter((l) => l.trim() !== "").flatMap((line) =>
       splitWindows(tok.encode(line, { bos: false }), o.seqLen - 1)
     );
-  const seqs = chunks.filter((c) => c.length > 0).map((c) => [tok.bosId, ...c]);
+  const seqs = chunks.map((c) => [tok.bosId, ...c]);
   if (seqs.length === 0) throw new ParameterError("the calibration text has no non-empty line");
   if (o.samples <= 0 || o.samples >= seqs.length) return seqs;
   // seeded selection without replacement: sort by hash, keep the first `samples`, in file order
