@@ -11,16 +11,16 @@ import { basename } from "node:path";
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { methodNotAllowed } from "hono/method-not-allowed";
-import { Engine } from "./runtime/engine.ts";
-import { loadModel } from "./runtime/load.ts";
+import { Engine } from "./runtime/model/engine.ts";
+import { loadModel } from "./runtime/model/load.ts";
 import { ParameterError } from "./runtime/errors.ts";
-import { intOption, runMain } from "./runtime/cli.ts";
+import { intOption, runMain } from "./runtime/cli/cli.ts";
 import {
   DEFAULT_MODEL,
   DownloadError,
   downloadModel,
   type DownloadOptions,
-} from "./runtime/hub_download.ts";
+} from "./runtime/checkpoint/hub_download.ts";
 import { quantizeModel } from "./quantize/quantize_model.ts";
 import { ApiError, errorHook, methodNotAllowed as on405, notFound } from "./runtime/http/errors.ts";
 import { countRequests, Metrics, metricsHandler } from "./runtime/http/metrics.ts";

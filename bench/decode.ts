@@ -3,9 +3,9 @@
  * the pipelined generation loop, against a loop that waits on the GPU after every token.
  */
 import { parseArgs } from "node:util";
-import { loadModel } from "../runtime/load.ts";
-import { generate } from "../runtime/generate.ts";
-import { GREEDY } from "../runtime/model.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { generate } from "../runtime/model/generate.ts";
+import { GREEDY } from "../runtime/model/model.ts";
 import { recordResults, table, today } from "./results.ts";
 
 const STORIES =

@@ -2,9 +2,9 @@
  * Total decode throughput of the serving engine on stories260K with 1, 4 and 8 concurrent greedy
  * sequences: `deno run -A bench/engine_throughput.ts [tokens per sequence]`.
  */
-import { loadModel } from "../runtime/load.ts";
-import { Engine } from "../runtime/engine.ts";
-import { GREEDY } from "../runtime/model.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { Engine } from "../runtime/model/engine.ts";
+import { GREEDY } from "../runtime/model/model.ts";
 
 const path = new URL("../../shared/models/stories260K-hf", import.meta.url).pathname;
 const n = Number(Deno.args[0] ?? 200);

@@ -24,7 +24,7 @@ import { packStep, STEP_BYTES } from "../kernels/common.ts";
 import { createGpu, type Gpu } from "../kernels/gpu.ts";
 import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
 import { matmulBindings, matmulGrid, matmulPipeline, matmulShape } from "../kernels/matmul.ts";
-import { allocDense } from "../runtime/gpu_weights.ts";
+import { allocDense } from "../runtime/model/gpu_weights.ts";
 import {
   createQTextures,
   matvecQBindings,
@@ -35,8 +35,8 @@ import {
   type QWeights,
 } from "../kernels/matvec_q.ts";
 import { profileDispatches } from "../kernels/profile.ts";
-import { paddedK } from "../quantize/pack.ts";
-import { type Bits, nGroups } from "../quantize/qtensor.ts";
+import { paddedK } from "../runtime/format/pack.ts";
+import { type Bits, nGroups } from "../runtime/format/qtensor.ts";
 
 /** Summed CPU time of this process's threads in ms (Linux), or NaN. */
 function cpuMs(): number {

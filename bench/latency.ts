@@ -12,11 +12,11 @@
 import { parseArgs } from "node:util";
 import { createGpu, type Gpu } from "../kernels/gpu.ts";
 import { profileDispatches } from "../kernels/profile.ts";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { GpuModel, GREEDY } from "../runtime/model.ts";
-import { generate } from "../runtime/generate.ts";
-import type { ModelConfig } from "../runtime/config.ts";
-import type { Bits } from "../quantize/qtensor.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { GpuModel, GREEDY } from "../runtime/model/model.ts";
+import { generate } from "../runtime/model/generate.ts";
+import type { ModelConfig } from "../runtime/checkpoint/config.ts";
+import type { Bits } from "../runtime/format/qtensor.ts";
 import {
   cachedSyntheticCheckpoint,
   llama32_1bLikeConfig,

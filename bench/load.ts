@@ -5,8 +5,8 @@
  * keeps those in host memory). The load runs in a fresh child process so its peak RSS is its own.
  */
 import { parseArgs } from "node:util";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { GpuModel } from "../runtime/model.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { GpuModel } from "../runtime/model/model.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { cachedSyntheticCheckpoint, llama32_1bLikeConfig } from "../tests/synthetic.ts";
 import { peakRss, recordResults, table, today } from "./results.ts";

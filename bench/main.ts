@@ -2,7 +2,7 @@
  * `deno task bench NAME [options]`: runs one benchmark, prints its figures and records them in
  * bench/RESULTS.md.
  */
-import { runMain } from "../runtime/cli.ts";
+import { runMain } from "../runtime/cli/cli.ts";
 import { ParameterError } from "../runtime/errors.ts";
 import { benchDecode } from "./decode.ts";
 import { benchKernels } from "./kernels.ts";

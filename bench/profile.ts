@@ -9,9 +9,9 @@
  * averaged.
  */
 import { parseArgs } from "node:util";
-import { loadModel } from "../runtime/load.ts";
-import { GREEDY } from "../runtime/model.ts";
-import { type Dispatch, encodeDispatches } from "../runtime/forward.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { GREEDY } from "../runtime/model/model.ts";
+import { type Dispatch, encodeDispatches } from "../runtime/model/forward.ts";
 import { recordResults, table, today } from "./results.ts";
 
 const STORIES =

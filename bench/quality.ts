@@ -125,7 +125,7 @@ async function run(args: string[]): Promise<string> {
 
 async function evaluate(model: string, e: Eval): Promise<number> {
   const out = await run([
-    "runtime/eval_cmd.ts",
+    "runtime/cli/eval_cmd.ts",
     "--model",
     model,
     "--text",
@@ -230,7 +230,7 @@ export async function benchQuality(args: string[]): Promise<void> {
           ...("e2e" in m ? (s.e2eBySetting?.[setting] ?? s.e2e).args : []),
         ]);
         const report = JSON.parse(await Deno.readTextFile(`${file}.report.json`));
-        const inspect = await run(["runtime/inspect_cmd.ts", file]);
+        const inspect = await run(["runtime/cli/inspect_cmd.ts", file]);
         const bpw = Number(/linear layers: bits\/weight\s+([\d.]+)/.exec(inspect)?.[1] ?? NaN);
         const ppl = [];
         for (const e of s.evals) ppl.push(await evaluate(file, e));

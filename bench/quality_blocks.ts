@@ -10,14 +10,14 @@
  *     --file dq.lowbit --text ../shared/data/novels/heldout.txt
  */
 import { parseArgs } from "node:util";
-import { expectedShapes, tensorNames as T } from "../runtime/config.ts";
-import type { Checkpoint } from "../runtime/checkpoint.ts";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
-import { perplexity, referenceLogitsModel } from "../runtime/perplexity.ts";
+import { expectedShapes, tensorNames as T } from "../runtime/checkpoint/config.ts";
+import type { Checkpoint } from "../runtime/checkpoint/checkpoint.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
+import { perplexity, referenceLogitsModel } from "../runtime/reference/perplexity.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { numberOption } from "../runtime/cli.ts";
+import { numberOption } from "../runtime/cli/cli.ts";
 import { recordResults, table, today } from "./results.ts";
 
 /** Perplexity of `base` with the tensors `fromQ` accepts read from `q` instead. */

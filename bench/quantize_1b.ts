@@ -9,7 +9,7 @@
 import { parseArgs } from "node:util";
 import { quantizeModel } from "../quantize/quantize_model.ts";
 import { createGpu } from "../kernels/gpu.ts";
-import { intOption } from "../runtime/cli.ts";
+import { intOption } from "../runtime/cli/cli.ts";
 import { cachedSyntheticCheckpoint, llama32_1bLikeConfig } from "../tests/synthetic.ts";
 import { peakRss, recordResults, table, today } from "./results.ts";
 

@@ -7,8 +7,8 @@
  *   deno task bench serve [--models stories,smollm] [--clients 1,4,16] [--tokens 64] [--requests 2]
  */
 import { parseArgs } from "node:util";
-import { loadModel } from "../runtime/load.ts";
-import { Engine } from "../runtime/engine.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { Engine } from "../runtime/model/engine.ts";
 import { startServer } from "../server.ts";
 import { cachedSyntheticCheckpoint, smolLm2_135mConfig } from "../tests/synthetic.ts";
 import { recordResults, table, today } from "./results.ts";

@@ -3,10 +3,14 @@
  * linear layer (with `head`, the logits layer too, untied), random fp16 embeddings, unit norms,
  * written as a .lowbit one tensor at a time.
  */
-import { expectedShapes, type ModelConfig, tensorNames as T } from "../runtime/config.ts";
-import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
-import { paddedK } from "../quantize/pack.ts";
-import { type Bits, nGroups } from "../quantize/qtensor.ts";
+import {
+  expectedShapes,
+  type ModelConfig,
+  tensorNames as T,
+} from "../runtime/checkpoint/config.ts";
+import { createLowbitWriter } from "../runtime/format/lowbit_writer.ts";
+import { paddedK } from "../runtime/format/pack.ts";
+import { type Bits, nGroups } from "../runtime/format/qtensor.ts";
 import { syntheticTensorChunks } from "../tests/synthetic.ts";
 
 const LINEARS = [T.wq, T.wk, T.wv, T.wo, T.w1, T.w3, T.w2];

@@ -19,7 +19,7 @@ import {
   grid,
 } from "./common.ts";
 import { type Epilogue, epilogueKey, isPair, unitCount } from "./epilogue.ts";
-import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import { ParameterError, ShapeError } from "./errors.ts";
 import { BindingCounter, epilogueDecls, inputDecls } from "./bindings.ts";
 
 export interface DenseTexCore {

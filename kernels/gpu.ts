@@ -1,5 +1,5 @@
 /** The WebGPU device, its limits and features, and the pipeline cache every kernel uses. */
-import { GpuError } from "../runtime/errors.ts";
+import { GpuError } from "./errors.ts";
 
 export interface GpuOptions {
   /** Use `shader-f16` for f16 weights when the adapter has it (default true). */

@@ -8,7 +8,7 @@
 import { grid } from "./common.ts";
 import { type Epilogue, epilogueBindings, isPair, unitCount } from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
-import type { Bits } from "../quantize/qtensor.ts";
+import type { Bits } from "../runtime/format/qtensor.ts";
 import { type QCore, qCoreKey, qCoreWgsl, type QWeights } from "./matvec_q.ts";
 
 export interface MatmulQVariant {

@@ -1,5 +1,5 @@
 /**
- * Decode matrix-vector product over packed low-bit weights (docs/FORMAT.md, quantize/pack.ts),
+ * Decode matrix-vector product over packed low-bit weights (docs/FORMAT.md, runtime/format/pack.ts),
  * y[t] = epilogue(Ŵ · x[t]) for `batch` input vectors, with dequantization fused into the dot
  * product and an optional fused RMSNorm of x. The generator is shared with the prefill kernel
  * (matmul_q.ts).
@@ -38,8 +38,8 @@
 import { grid } from "./common.ts";
 import { type Epilogue, epilogueBindings, epilogueKey, isPair, unitCount } from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
-import type { Bits } from "../quantize/qtensor.ts";
-import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import type { Bits } from "../runtime/format/qtensor.ts";
+import { ParameterError, ShapeError } from "./errors.ts";
 import { BindingCounter, epilogueDecls, inputDecls } from "./bindings.ts";
 
 export interface MatvecQVariant {

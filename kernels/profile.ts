@@ -3,7 +3,7 @@
  * with timestamps at its start and end. For benchmarks, not for hot loops.
  */
 import type { Gpu } from "./gpu.ts";
-import { GpuError } from "../runtime/errors.ts";
+import { GpuError } from "./errors.ts";
 
 export interface Timed {
   pipeline: GPUComputePipeline;

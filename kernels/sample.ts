@@ -3,7 +3,7 @@
  * chosen id to tokens[tokenBase + pos + 1] (pos and tokenBase from the last token's Step row:
  * tokens[pos + ntok] for one sequence), where the next step's embedding gather reads it.
  *
- * Mirrors `sample()` in runtime/sampling.ts: temperature 0 is argmax (lowest index on ties);
+ * Mirrors `sample()` in runtime/model/sampling.ts: temperature 0 is argmax (lowest index on ties);
  * otherwise p_i = exp((l_i − max) / T), a threshold t = max(k-th largest p, top-p cut) found by
  * bisection over the bit patterns of positive floats (exact, 31 rounds), and the token is the
  * first, in index order, whose cumulative kept mass exceeds u · (kept mass), with

@@ -1,7 +1,7 @@
 /**
  * One Llama decoder block on the CPU, forward and backward, over one sequence (T tokens at
  * positions 0..T−1, causal), for decoupleQ's stage 2 (tuning scales, zeros and norm weights
- * against the full-precision block's output). The math is runtime/reference.ts's, layer by
+ * against the full-precision block's output). The math is runtime/reference/reference.ts's, layer by
  * layer:
  *
  *   xn1 = rmsnorm(x, g1);  q, k, v = xn1·Wq/k/vᵀ (+ b);  rope(q), rope(k)
@@ -17,7 +17,7 @@
  * ({@link gemmABt}); backward products use transposed copies (weights transposed once per
  * {@link BlockMath.setParams}, activations per call).
  */
-import { type ModelConfig, ropeInvFreq } from "../runtime/config.ts";
+import { type ModelConfig, ropeInvFreq } from "../runtime/checkpoint/config.ts";
 import { ShapeError } from "../runtime/errors.ts";
 
 /** The seven linear layers of a block, in the order they run. */

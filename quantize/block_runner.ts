@@ -5,16 +5,16 @@
  * were quantized. Sequences are submitted back to back and read back together, each in steps of
  * at most MAX_ROWS tokens (the Step uniform's per-token rows), as the runtime's prefill runs them.
  */
-import { type ModelConfig, tensorNames as T } from "../runtime/config.ts";
-import type { Checkpoint } from "../runtime/checkpoint.ts";
-import { createRunState, type RunState } from "../runtime/run_state.ts";
+import { type ModelConfig, tensorNames as T } from "../runtime/checkpoint/config.ts";
+import type { Checkpoint } from "../runtime/checkpoint/checkpoint.ts";
+import { createRunState, type RunState } from "../runtime/model/run_state.ts";
 import {
   allocDense,
   type DenseMatrix,
   type LayerWeights,
   writeDenseRows,
-} from "../runtime/gpu_weights.ts";
-import { Builder, type Dispatch, encodeDispatches, layerStages } from "../runtime/forward.ts";
+} from "../runtime/model/gpu_weights.ts";
+import { Builder, type Dispatch, encodeDispatches, layerStages } from "../runtime/model/forward.ts";
 import { type Gpu, STORAGE } from "../kernels/gpu.ts";
 import { MAX_ROWS, packStep } from "../kernels/common.ts";
 

@@ -1,8 +1,8 @@
 /** Calibration sequences from a text file, BOS first: cut from each line, or from the whole text. */
-import type { Tokenizer } from "../runtime/tokenizer.ts";
+import type { Tokenizer } from "../runtime/tokenizer/tokenizer.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { splitWindows, textWindows } from "../runtime/perplexity.ts";
-import { pcgHash } from "../runtime/sampling.ts";
+import { splitWindows, textWindows } from "../runtime/reference/perplexity.ts";
+import { pcgHash } from "../runtime/model/sampling.ts";
 
 export interface CalibrationOptions {
   /** Tokens per sequence, BOS included. */

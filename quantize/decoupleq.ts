@@ -9,7 +9,7 @@
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
 import { LayerQuantizer, type QuantizeResult } from "./hessian.ts";
 import { type GptqPlan, gptqPlan, gptqRound } from "./gptq.ts";
-import { type Bits, effectiveGroupSize, nGroups } from "./qtensor.ts";
+import { type Bits, effectiveGroupSize, nGroups } from "../runtime/format/qtensor.ts";
 import { diagonal, minMaxScaleZero, type ScaleZero } from "./rtn.ts";
 import { floatStep, ScaleZeroLsq } from "./scale_zero_lsq.ts";
 

@@ -13,7 +13,7 @@ import {
   type DecoupleQStep,
 } from "./decoupleq.ts";
 import { gptqPlan } from "./gptq.ts";
-import { effectiveGroupSize, nGroups } from "./qtensor.ts";
+import { effectiveGroupSize, nGroups } from "../runtime/format/qtensor.ts";
 
 /** Below this many multiply-adds (N·K²) one thread is faster than starting workers. */
 export const MIN_PARALLEL_WORK = 2 ** 31;

@@ -11,9 +11,9 @@
  * The whole model's float part is held in memory (float64), so this is for models whose
  * forward and backward passes fit the host; all the arithmetic is on the CPU.
  */
-import type { ModelConfig } from "../runtime/config.ts";
+import type { ModelConfig } from "../runtime/checkpoint/config.ts";
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
-import { mulberry32 } from "../runtime/sampling.ts";
+import { mulberry32 } from "../runtime/model/sampling.ts";
 import {
   BlockMath,
   createGrads,
@@ -27,7 +27,7 @@ import {
   transpose,
   zeroGrads,
 } from "./block_math.ts";
-import type { QuantizedLinear } from "./qtensor.ts";
+import type { QuantizedLinear } from "../runtime/format/qtensor.ts";
 import {
   blockParamsAdam,
   cosineFactor,

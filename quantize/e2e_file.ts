@@ -4,17 +4,17 @@
  * distributions on the calibration sequences, and the file is rewritten with the tuned s, z and
  * norms (every other tensor as it was, the settings recorded under `quantization.e2e`).
  */
-import type { Checkpoint, PackedTensor } from "../runtime/checkpoint.ts";
-import { tensorNames as T } from "../runtime/config.ts";
+import type { Checkpoint, PackedTensor } from "../runtime/checkpoint/checkpoint.ts";
+import { tensorNames as T } from "../runtime/checkpoint/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { openLowbit } from "../runtime/lowbit_reader.ts";
-import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
+import { openLowbit } from "../runtime/format/lowbit_reader.ts";
+import { createLowbitWriter } from "../runtime/format/lowbit_writer.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import { LINEAR_KEYS, type LinearKey } from "./block_math.ts";
 import { linearName } from "./block_runner.ts";
 import { E2E_DEFAULTS, type E2EHistory, type E2EOptions, tuneEndToEnd } from "./e2e.ts";
-import { packQ, unpackQ } from "./pack.ts";
-import type { QuantizedLinear } from "./qtensor.ts";
+import { packQ, unpackQ } from "../runtime/format/pack.ts";
+import type { QuantizedLinear } from "../runtime/format/qtensor.ts";
 import { embedInputs, floatFinalHidden } from "./sequential.ts";
 import type { Stage2Block } from "./stage2.ts";
 

@@ -21,7 +21,7 @@ import {
   nGroups,
   qRange,
   type QuantizedLinear,
-} from "./qtensor.ts";
+} from "../runtime/format/qtensor.ts";
 import { type ClipCriterion, diagonal, minMaxScaleZero, roundCode, type ScaleZero } from "./rtn.ts";
 
 /** Rows quantized together: one pass over a row of H⁻¹'s factor serves this many rows of W. */

@@ -4,7 +4,7 @@
  */
 
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
-import { dequantize, type QuantizedLinear } from "./qtensor.ts";
+import { dequantize, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 
 /** Running accumulation of H = XᵀX / tokens for a linear layer with K inputs. */
 export class Hessian {

@@ -8,9 +8,9 @@
  */
 import { parseArgs } from "node:util";
 import { ParameterError } from "../runtime/errors.ts";
-import { numberOption, runMain } from "../runtime/cli.ts";
+import { numberOption, runMain } from "../runtime/cli/cli.ts";
 import type { Method } from "./sequential.ts";
-import type { Bits } from "./qtensor.ts";
+import type { Bits } from "../runtime/format/qtensor.ts";
 import { quantizeModel } from "./quantize_model.ts";
 
 const USAGE = `usage: deno task quantize --model PATH --out FILE [options]

@@ -3,12 +3,12 @@
  * f32 vectors), every linear layer packed — with calibration, sequentially through the model
  * (RTN / GPTQ / decoupleQ, optional stage 2); without, plain RTN.
  */
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { expectedShapes, tensorNames as T } from "../runtime/config.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { expectedShapes, tensorNames as T } from "../runtime/checkpoint/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
-import type { LowbitTensorSpec } from "../runtime/lowbit_file.ts";
+import { createLowbitWriter } from "../runtime/format/lowbit_writer.ts";
+import type { LowbitTensorSpec } from "../runtime/format/lowbit_file.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { calibrationSequences } from "./calibration.ts";
 import {
@@ -17,10 +17,10 @@ import {
   type Method,
   quantizeSequential,
 } from "./sequential.ts";
-import { packQ } from "./pack.ts";
+import { packQ } from "../runtime/format/pack.ts";
 import { rtnQuantize } from "./rtn.ts";
-import type { Bits, QuantizedLinear } from "./qtensor.ts";
-import type { PackedTensor } from "../runtime/checkpoint.ts";
+import type { Bits, QuantizedLinear } from "../runtime/format/qtensor.ts";
+import type { PackedTensor } from "../runtime/checkpoint/checkpoint.ts";
 import { type E2EReport, tuneLowbitFile } from "./e2e_file.ts";
 
 export interface QuantizeModelOptions {

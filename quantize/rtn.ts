@@ -12,7 +12,7 @@ import {
   nGroups,
   qRange,
   type QuantizedLinear,
-} from "./qtensor.ts";
+} from "../runtime/format/qtensor.ts";
 
 /**
  * How a group's clipping factor is chosen: "none" keeps the full min/max range; "plain" picks

@@ -13,7 +13,7 @@
 
 import { ShapeError } from "../runtime/errors.ts";
 import { solveSymmetric } from "./linalg.ts";
-import { effectiveGroupSize, nGroups } from "./qtensor.ts";
+import { effectiveGroupSize, nGroups } from "../runtime/format/qtensor.ts";
 import type { ScaleZero } from "./rtn.ts";
 
 /**

@@ -4,12 +4,12 @@
  * by the layers before it already quantized (forward passes on the GPU, Hessians on the host).
  * Only one block's weights and activations are held at a time.
  */
-import type { Checkpoint } from "../runtime/checkpoint.ts";
-import { tensorNames as T } from "../runtime/config.ts";
+import type { Checkpoint } from "../runtime/checkpoint/checkpoint.ts";
+import { tensorNames as T } from "../runtime/checkpoint/config.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import { BlockRunner, CAPTURE, type Capture, linearName } from "./block_runner.ts";
 import { calibratedLayer, Hessian, layerLoss } from "./hessian.ts";
-import { type Bits, dequantize, type QuantizedLinear } from "./qtensor.ts";
+import { type Bits, dequantize, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 import { diagonal, rtnQuantize } from "./rtn.ts";
 import { gptqQuantize } from "./gptq.ts";
 import { decoupleQParallel } from "./decoupleq_parallel.ts";

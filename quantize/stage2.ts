@@ -11,9 +11,9 @@
  * The state returned is the best one seen on the calibration set, measured exactly as returned
  * (s, z rounded to fp16, norm weights to float32): never worse than the input.
  */
-import type { ModelConfig } from "../runtime/config.ts";
+import type { ModelConfig } from "../runtime/checkpoint/config.ts";
 import { ParameterError, ShapeError } from "../runtime/errors.ts";
-import { mulberry32 } from "../runtime/sampling.ts";
+import { mulberry32 } from "../runtime/model/sampling.ts";
 import {
   type BlockConfig,
   type BlockGrads,
@@ -26,7 +26,7 @@ import {
   linearShapes,
   zeroGrads,
 } from "./block_math.ts";
-import { checkQuantizedLinear, nGroups, type QuantizedLinear } from "./qtensor.ts";
+import { checkQuantizedLinear, nGroups, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 
 /** One quantized decoder block: the tunable state of stage 2 (biases stay fixed). */
 export interface Stage2Block {

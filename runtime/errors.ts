@@ -3,6 +3,8 @@
  * where there is one, the fix.
  */
 
+export { GpuError, ParameterError, ShapeError } from "../kernels/errors.ts";
+
 /** A model file or checkpoint that cannot be read: truncated, bad header, missing tensor. */
 export class ModelFormatError extends Error {
   constructor(message: string, options?: ErrorOptions) {
@@ -16,30 +18,6 @@ export class UnsupportedModelError extends Error {
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = "UnsupportedModelError";
-  }
-}
-
-/** A tensor whose shape contradicts the model configuration or a kernel's contract. */
-export class ShapeError extends Error {
-  constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "ShapeError";
-  }
-}
-
-/** A user-supplied option or request parameter that is out of range or malformed. */
-export class ParameterError extends Error {
-  constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "ParameterError";
-  }
-}
-
-/** No usable WebGPU adapter, or the adapter lacks a limit or feature the model needs. */
-export class GpuError extends Error {
-  constructor(message: string, options?: ErrorOptions) {
-    super(message, options);
-    this.name = "GpuError";
   }
 }
 

@@ -5,8 +5,8 @@
  * (the batched quantized kernels).
  */
 import assert from "node:assert/strict";
-import { loadModel } from "../runtime/load.ts";
-import { type GpuModel, GREEDY, type SamplingParams } from "../runtime/model.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { type GpuModel, GREEDY, type SamplingParams } from "../runtime/model/model.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import { quantizeModel } from "../quantize/quantize_model.ts";
 import { haveShared, sharedPath, testGpu, testGpuLayout, withTempDir } from "./helpers.ts";

@@ -1,7 +1,7 @@
 /** Calibration sequences: cut from each line, or from the whole text as `eval` reads it. */
 import assert from "node:assert/strict";
 import { calibrationSequences } from "../quantize/calibration.ts";
-import type { Tokenizer } from "../runtime/tokenizer.ts";
+import type { Tokenizer } from "../runtime/tokenizer/tokenizer.ts";
 
 /** One token per character (its code point, so "\n" is 10); BOS is 1. */
 const chars = {

@@ -1,10 +1,10 @@
 /** Chat templates from tokenizer_config.json, rendered with @huggingface/jinja. */
 
 import assert from "node:assert/strict";
-import { tokenizerFromData } from "../runtime/load_tokenizer.ts";
-import type { ChatMessage } from "../runtime/tokenizer.ts";
-import { HfTokenizer } from "../runtime/tokenizer_hf.ts";
-import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
+import { tokenizerFromData } from "../runtime/tokenizer/load_tokenizer.ts";
+import type { ChatMessage } from "../runtime/tokenizer/tokenizer.ts";
+import { HfTokenizer } from "../runtime/tokenizer/tokenizer_hf.ts";
+import { Llama2cTokenizer } from "../runtime/tokenizer/tokenizer_llama2c.ts";
 import { tinyConfigJson, tinyTokenizerBin, tinyTokenizerJson } from "./tokenizer_helpers.ts";
 
 /** Llama-2-chat's template, as in meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json. */

@@ -1,9 +1,9 @@
 /** Tests of the checkpoint readers: HF config parsing and validation, llama2.c .bin, dispatch. */
 import assert from "node:assert/strict";
-import { tensorNames } from "../runtime/config.ts";
-import { parseHfConfig } from "../runtime/hf_checkpoint.ts";
-import { hfRowToLlama2cRow } from "../runtime/llama2c_checkpoint.ts";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
+import { tensorNames } from "../runtime/checkpoint/config.ts";
+import { parseHfConfig } from "../runtime/checkpoint/hf_checkpoint.ts";
+import { hfRowToLlama2cRow } from "../runtime/checkpoint/llama2c_checkpoint.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
 import {
   hfConfigJson,
   roundToDtype,

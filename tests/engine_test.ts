@@ -3,10 +3,10 @@
  * steps and each gives what it gives alone; aborted and abandoned jobs leave their slot.
  */
 import assert from "node:assert/strict";
-import { Engine, type Job, QueueFullError } from "../runtime/engine.ts";
-import { generate } from "../runtime/generate.ts";
-import { loadModel } from "../runtime/load.ts";
-import { GREEDY } from "../runtime/model.ts";
+import { Engine, type Job, QueueFullError } from "../runtime/model/engine.ts";
+import { generate } from "../runtime/model/generate.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { GREEDY } from "../runtime/model/model.ts";
 import { haveShared, sharedPath, testGpu } from "./helpers.ts";
 
 const have = await haveShared("models/stories260K-hf");

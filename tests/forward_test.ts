@@ -1,10 +1,10 @@
 /** The GPU forward pass against the float64 CPU reference, and prefill against decode. */
 import assert from "node:assert/strict";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
-import { GpuModel, GREEDY } from "../runtime/model.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import type { Checkpoint } from "../runtime/checkpoint.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
+import { GpuModel, GREEDY } from "../runtime/model/model.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import type { Checkpoint } from "../runtime/checkpoint/checkpoint.ts";
 import { haveShared, maxAbsDiff, sharedPath, testGpu, testGpuLayout } from "./helpers.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import { writeSyntheticHfCheckpoint } from "./synthetic.ts";

@@ -1,8 +1,8 @@
 /** End-to-end generation on the real stories260K model, from both checkpoint layouts. */
 import assert from "node:assert/strict";
-import { loadModel } from "../runtime/load.ts";
-import { generate } from "../runtime/generate.ts";
-import { GREEDY } from "../runtime/model.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { generate } from "../runtime/model/generate.ts";
+import { GREEDY } from "../runtime/model/model.ts";
 import { haveShared, sharedPath, stories260KGreedyText, testGpu } from "./helpers.ts";
 
 const have = await haveShared("models/stories260K/stories260K.bin", "models/stories260K-hf");

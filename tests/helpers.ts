@@ -3,7 +3,7 @@
  * random numbers and temporary directories.
  */
 import { createGpu, Gpu } from "../kernels/gpu.ts";
-import { mulberry32 } from "../runtime/sampling.ts";
+import { mulberry32 } from "../runtime/model/sampling.ts";
 
 /** Absolute path of `rel` under the shared data folder beside the project. */
 export function sharedPath(rel: string): string {

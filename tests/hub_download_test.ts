@@ -1,5 +1,5 @@
 /**
- * runtime/hub_download.ts against a local stand-in for the Hugging Face Hub: the two URLs
+ * runtime/checkpoint/hub_download.ts against a local stand-in for the Hugging Face Hub: the two URLs
  * `@huggingface/hub` calls (`/api/models/{repo}/tree/{rev}` to list, `/{repo}/resolve/{rev}/{file}`
  * probed with `Range: bytes=0-0`, then fetched whole), answered the way the hub answers them.
  */
@@ -13,12 +13,12 @@ import {
   downloadModel,
   ensureDefaultModel,
   modelCachePath,
-} from "../runtime/hub_download.ts";
+} from "../runtime/checkpoint/hub_download.ts";
 import { defaultModelW4 } from "../server.ts";
-import { openLowbit } from "../runtime/lowbit_reader.ts";
-import { loadModel } from "../runtime/load.ts";
-import { generate } from "../runtime/generate.ts";
-import { GREEDY } from "../runtime/model.ts";
+import { openLowbit } from "../runtime/format/lowbit_reader.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { generate } from "../runtime/model/generate.ts";
+import { GREEDY } from "../runtime/model/model.ts";
 import { haveShared, sharedPath, testGpu } from "./helpers.ts";
 
 type Repo = Map<string, { bytes: Uint8Array<ArrayBuffer>; lfs: boolean; damaged?: boolean }>;

@@ -5,7 +5,7 @@
 import { packStep, STEP_BYTES, type StepParams } from "../kernels/common.ts";
 import type { DenseFormat } from "../kernels/common.ts";
 import { type Bindable, bindingResource, type Gpu } from "../kernels/gpu.ts";
-import { allocDense, writeDenseRows } from "../runtime/gpu_weights.ts";
+import { allocDense, writeDenseRows } from "../runtime/model/gpu_weights.ts";
 
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 

@@ -27,7 +27,7 @@ import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
 import { embedGrid, embedPipeline, type EmbedVariant } from "../kernels/embed.ts";
 import { attentionGrid, attentionPipeline, type AttentionVariant } from "../kernels/attention.ts";
 import { type SampleOptions, samplePipeline } from "../kernels/sample.ts";
-import { sample, type SamplingParams, uniform } from "../runtime/sampling.ts";
+import { sample, type SamplingParams, uniform } from "../runtime/model/sampling.ts";
 import { rng, testGpu } from "./helpers.ts";
 import { Harness, type Job } from "./kernel_harness.ts";
 

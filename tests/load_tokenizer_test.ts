@@ -1,9 +1,9 @@
 /** loadTokenizer: where it looks, what wins, and its errors. */
 
 import assert from "node:assert/strict";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { HfTokenizer } from "../runtime/tokenizer_hf.ts";
-import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { HfTokenizer } from "../runtime/tokenizer/tokenizer_hf.ts";
+import { Llama2cTokenizer } from "../runtime/tokenizer/tokenizer_llama2c.ts";
 import {
   exists,
   STORIES_BIN,

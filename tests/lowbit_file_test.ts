@@ -1,24 +1,28 @@
 /** The .lowbit file: writer/reader round trip, embedded tokenizer, corrupt files, inspect. */
 import assert from "node:assert/strict";
 import { Packr, Unpackr } from "msgpackr";
-import type { PackedTensor } from "../runtime/checkpoint.ts";
-import { expectedShapes, type ModelConfig, tensorNames as T } from "../runtime/config.ts";
+import type { PackedTensor } from "../runtime/checkpoint/checkpoint.ts";
+import {
+  expectedShapes,
+  type ModelConfig,
+  tensorNames as T,
+} from "../runtime/checkpoint/config.ts";
 import { ModelFormatError, ParameterError, ShapeError } from "../runtime/errors.ts";
-import { align, LOWBIT_ALIGN, type LowbitTensorSpec } from "../runtime/lowbit_file.ts";
-import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
-import { type LowbitCheckpoint, openLowbit } from "../runtime/lowbit_reader.ts";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { inspectText } from "../runtime/inspect_cmd.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
-import type { TokenizerData } from "../runtime/tokenizer.ts";
-import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
+import { align, LOWBIT_ALIGN, type LowbitTensorSpec } from "../runtime/format/lowbit_file.ts";
+import { createLowbitWriter } from "../runtime/format/lowbit_writer.ts";
+import { type LowbitCheckpoint, openLowbit } from "../runtime/format/lowbit_reader.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { inspectText } from "../runtime/cli/inspect_cmd.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
+import type { TokenizerData } from "../runtime/tokenizer/tokenizer.ts";
+import { Llama2cTokenizer } from "../runtime/tokenizer/tokenizer_llama2c.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
-import { packQ } from "../quantize/pack.ts";
-import { type Bits, dequantize } from "../quantize/qtensor.ts";
+import { packQ } from "../runtime/format/pack.ts";
+import { type Bits, dequantize } from "../runtime/format/qtensor.ts";
 import { roundToDtype, syntheticConfig, syntheticTensor } from "./synthetic.ts";
 import { haveShared, sharedPath, testGpu, withTempDir } from "./helpers.ts";
-import { loadModel } from "../runtime/load.ts";
+import { loadModel } from "../runtime/model/load.ts";
 
 const tokPath = sharedPath("models/stories260K/tok512.bin");
 const haveTok = await Deno.stat(tokPath).then(() => true, () => false);
@@ -354,7 +358,7 @@ Deno.test("inspect prints every tensor and the totals; errors are one line, exit
 
     const cmd = (file: string) =>
       new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", "--no-check", "runtime/inspect_cmd.ts", file],
+        args: ["run", "-A", "--no-check", "runtime/cli/inspect_cmd.ts", file],
         cwd: new URL("..", import.meta.url).pathname,
         env: { XDG_RUNTIME_DIR: "/tmp" },
       }).output();

@@ -26,14 +26,14 @@ import {
   matmulQShape,
   type MatmulQVariant,
 } from "../kernels/matmul_q.ts";
-import { packQ } from "../quantize/pack.ts";
+import { packQ } from "../runtime/format/pack.ts";
 import {
   type Bits,
   dequantize,
   nGroups,
   qRange,
   type QuantizedLinear,
-} from "../quantize/qtensor.ts";
+} from "../runtime/format/qtensor.ts";
 import { ParameterError } from "../runtime/errors.ts";
 import { rng, testGpu } from "./helpers.ts";
 

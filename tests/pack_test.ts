@@ -1,7 +1,7 @@
-/** Tests of quantize/pack.ts: round trips and hand-checked words of the packed layout. */
+/** Tests of runtime/format/pack.ts: round trips and hand-checked words of the packed layout. */
 import assert from "node:assert/strict";
-import { bitsPerWeight, packQ, paddedK, unpackQ } from "../quantize/pack.ts";
-import { type Bits, nGroups, qRange, type QuantizedLinear } from "../quantize/qtensor.ts";
+import { bitsPerWeight, packQ, paddedK, unpackQ } from "../runtime/format/pack.ts";
+import { type Bits, nGroups, qRange, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 import { NumericalError, ParameterError } from "../runtime/errors.ts";
 import { mulberry32 } from "./helpers.ts";
 

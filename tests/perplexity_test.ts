@@ -9,10 +9,10 @@
  * model that give the documented 67.870 on the first 20,000 tokens (79 windows, 4 min).
  */
 import assert from "node:assert/strict";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { loadModel } from "../runtime/load.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
 import {
   encodePrefix,
   type LogitsModel,
@@ -21,8 +21,8 @@ import {
   splitWindows,
   sumNll,
   textWindows,
-} from "../runtime/perplexity.ts";
-import type { Tokenizer } from "../runtime/tokenizer.ts";
+} from "../runtime/reference/perplexity.ts";
+import type { Tokenizer } from "../runtime/tokenizer/tokenizer.ts";
 import { haveShared, sharedPath, testGpu } from "./helpers.ts";
 
 /** Digits are tokens ("1" → 1), everything else is dropped. */

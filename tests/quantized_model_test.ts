@@ -4,18 +4,18 @@
  * same dequantized weights.
  */
 import assert from "node:assert/strict";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { expectedShapes, tensorNames as T } from "../runtime/config.ts";
-import { createLowbitWriter } from "../runtime/lowbit_writer.ts";
-import { openLowbit } from "../runtime/lowbit_reader.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
-import { GpuModel, GREEDY } from "../runtime/model.ts";
-import { generate } from "../runtime/generate.ts";
-import { argmax } from "../runtime/sampling.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { expectedShapes, tensorNames as T } from "../runtime/checkpoint/config.ts";
+import { createLowbitWriter } from "../runtime/format/lowbit_writer.ts";
+import { openLowbit } from "../runtime/format/lowbit_reader.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
+import { GpuModel, GREEDY } from "../runtime/model/model.ts";
+import { generate } from "../runtime/model/generate.ts";
+import { argmax } from "../runtime/model/sampling.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
-import { packQ } from "../quantize/pack.ts";
-import type { Bits } from "../quantize/qtensor.ts";
+import { packQ } from "../runtime/format/pack.ts";
+import type { Bits } from "../runtime/format/qtensor.ts";
 import { quantizeModel } from "../quantize/quantize_model.ts";
 import {
   haveShared,

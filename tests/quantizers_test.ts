@@ -15,7 +15,7 @@ import {
   inverseSPD,
   solveSymmetric,
 } from "../quantize/linalg.ts";
-import { type Bits, dequantize, effectiveGroupSize, qRange } from "../quantize/qtensor.ts";
+import { type Bits, dequantize, effectiveGroupSize, qRange } from "../runtime/format/qtensor.ts";
 import { minMaxScaleZero, roundCode, roundToNearest, RTN } from "../quantize/rtn.ts";
 import { floatStep, ScaleZeroLsq } from "../quantize/scale_zero_lsq.ts";
 import { mulberry32 } from "./helpers.ts";

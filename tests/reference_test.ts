@@ -1,10 +1,10 @@
-/** Tests of runtime/reference.ts on the real stories260K model and on synthetic models. */
+/** Tests of runtime/reference/reference.ts on the real stories260K model and on synthetic models. */
 import assert from "node:assert/strict";
-import { expectedShapes, tensorNames } from "../runtime/config.ts";
+import { expectedShapes, tensorNames } from "../runtime/checkpoint/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
-import { argmax } from "../runtime/sampling.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
+import { argmax } from "../runtime/model/sampling.ts";
 import { haveShared, maxAbsDiff, sharedPath, stories260KGreedyText } from "./helpers.ts";
 import { syntheticConfig, syntheticTensor } from "./synthetic.ts";
 

@@ -1,6 +1,6 @@
-/** Tests of runtime/safetensors.ts: header validation, row reads, dtypes, sharded sets. */
+/** Tests of runtime/checkpoint/safetensors.ts: header validation, row reads, dtypes, sharded sets. */
 import assert from "node:assert/strict";
-import { SafetensorsFile, SafetensorsSet } from "../runtime/safetensors.ts";
+import { SafetensorsFile, SafetensorsSet } from "../runtime/checkpoint/safetensors.ts";
 import {
   encodeDtype,
   roundToDtype,

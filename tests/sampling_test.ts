@@ -1,7 +1,7 @@
-/** Tests of runtime/sampling.ts: greedy, top-k, top-p, the sampled distribution, the hash. */
+/** Tests of runtime/model/sampling.ts: greedy, top-k, top-p, the sampled distribution, the hash. */
 import assert from "node:assert/strict";
 import { ParameterError } from "../runtime/errors.ts";
-import { argmax, pcgHash, sample, uniform } from "../runtime/sampling.ts";
+import { argmax, pcgHash, sample, uniform } from "../runtime/model/sampling.ts";
 
 /** Counts sample() results over `n` stratified u values (j + 0.5) / n. */
 function histogram(logits: Float64Array, params: Parameters<typeof sample>[1], n: number) {

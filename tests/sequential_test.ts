@@ -5,16 +5,16 @@
  * the end-to-end stage rewriting that file.
  */
 import assert from "node:assert/strict";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { loadTokenizer } from "../runtime/load_tokenizer.ts";
-import { tensorNames as T } from "../runtime/config.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
+import { tensorNames as T } from "../runtime/checkpoint/config.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
 import { BlockRunner, CAPTURE } from "../quantize/block_runner.ts";
 import { calibrationSequences } from "../quantize/calibration.ts";
 import { quantizeSequential } from "../quantize/sequential.ts";
-import { dequantize, type QuantizedLinear } from "../quantize/qtensor.ts";
+import { dequantize, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 import { quantizeModel } from "../quantize/quantize_model.ts";
-import { openLowbit } from "../runtime/lowbit_reader.ts";
+import { openLowbit } from "../runtime/format/lowbit_reader.ts";
 import { haveShared, maxAbsDiff, sharedPath, testGpu, withTempDir } from "./helpers.ts";
 import { writeSyntheticHfCheckpoint } from "./synthetic.ts";
 

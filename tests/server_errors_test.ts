@@ -4,8 +4,8 @@
  */
 import assert from "node:assert/strict";
 import { createApp, startServer } from "../server.ts";
-import { Engine } from "../runtime/engine.ts";
-import { loadModel } from "../runtime/load.ts";
+import { Engine } from "../runtime/model/engine.ts";
+import { loadModel } from "../runtime/model/load.ts";
 import { haveShared, rng, sharedPath, testGpu } from "./helpers.ts";
 
 const have = await haveShared("models/stories260K-hf/tokenizer.json");

@@ -8,12 +8,12 @@ import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { pack as packBuffer, unpack } from "msgpackr";
 import { createApp, type RunningServer, startServer } from "../server.ts";
-import { Engine, type EngineOptions, type Job } from "../runtime/engine.ts";
-import type { GenerateStats } from "../runtime/generate.ts";
-import { loadModel } from "../runtime/load.ts";
-import { HfTokenizer } from "../runtime/tokenizer_hf.ts";
+import { Engine, type EngineOptions, type Job } from "../runtime/model/engine.ts";
+import type { GenerateStats } from "../runtime/model/generate.ts";
+import { loadModel } from "../runtime/model/load.ts";
+import { HfTokenizer } from "../runtime/tokenizer/tokenizer_hf.ts";
 import { StopFilter } from "../runtime/http/stop.ts";
-import type { Tokenizer } from "../runtime/tokenizer.ts";
+import type { Tokenizer } from "../runtime/tokenizer/tokenizer.ts";
 import { haveShared, rng, sharedPath, testGpu } from "./helpers.ts";
 
 const pack = (v: unknown) => new Uint8Array(packBuffer(v));
@@ -104,7 +104,7 @@ async function cliGreedy(prompt: string, maxTokens: number): Promise<string> {
     args: [
       "run",
       "-A",
-      "runtime/generate_cmd.ts",
+      "runtime/cli/generate_cmd.ts",
       "--model",
       MODEL_DIR,
       "--prompt",

@@ -18,8 +18,8 @@ import {
 import { type E2EModel, ModelMath, tuneEndToEnd } from "../quantize/e2e.ts";
 import { blockMse, type Stage2Block, tuneBlock } from "../quantize/stage2.ts";
 import { rtnQuantize } from "../quantize/rtn.ts";
-import { type ModelConfig, tensorNames as TN } from "../runtime/config.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
+import { type ModelConfig, tensorNames as TN } from "../runtime/checkpoint/config.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
 import { rng } from "./helpers.ts";
 import { syntheticConfig } from "./synthetic.ts";
 

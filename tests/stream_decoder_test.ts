@@ -1,10 +1,10 @@
 /** StreamDecoder: streamed pieces concatenate to decode(), never with a broken character. */
 
 import assert from "node:assert/strict";
-import { StreamDecoder } from "../runtime/stream_decoder.ts";
-import type { Tokenizer } from "../runtime/tokenizer.ts";
-import { HfTokenizer } from "../runtime/tokenizer_hf.ts";
-import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
+import { StreamDecoder } from "../runtime/tokenizer/stream_decoder.ts";
+import type { Tokenizer } from "../runtime/tokenizer/tokenizer.ts";
+import { HfTokenizer } from "../runtime/tokenizer/tokenizer_hf.ts";
+import { Llama2cTokenizer } from "../runtime/tokenizer/tokenizer_llama2c.ts";
 import {
   exists,
   NOVELS_DIR,

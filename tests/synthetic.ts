@@ -3,11 +3,11 @@
  * weights written as (optionally sharded) safetensors, one tensor at a time in bounded chunks,
  * so a 1B-parameter checkpoint is written without holding it in memory.
  */
-import type { DType } from "../runtime/checkpoint.ts";
-import { expectedShapes, type ModelConfig } from "../runtime/config.ts";
+import type { DType } from "../runtime/checkpoint/checkpoint.ts";
+import { expectedShapes, type ModelConfig } from "../runtime/checkpoint/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
-import { pcgHash } from "../runtime/sampling.ts";
-import { joinPath } from "../runtime/safetensors.ts";
+import { pcgHash } from "../runtime/model/sampling.ts";
+import { joinPath } from "../runtime/checkpoint/safetensors.ts";
 
 /** A small Llama for fast tests: GQA (4 heads, 2 KV heads), untied. */
 export const tinyConfig: ModelConfig = {

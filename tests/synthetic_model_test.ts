@@ -1,9 +1,9 @@
 /** A SmolLM2-135M-shaped checkpoint (seeded random BF16, two shards) loads and generates. */
 import assert from "node:assert/strict";
-import { openCheckpoint } from "../runtime/open_checkpoint.ts";
-import { ReferenceModel } from "../runtime/reference.ts";
-import { GpuModel, GREEDY } from "../runtime/model.ts";
-import { generate } from "../runtime/generate.ts";
+import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
+import { GpuModel, GREEDY } from "../runtime/model/model.ts";
+import { generate } from "../runtime/model/generate.ts";
 import { maxAbsDiff, testGpu } from "./helpers.ts";
 import { smolLm2_135mConfig, writeSyntheticHfCheckpoint } from "./synthetic.ts";
 

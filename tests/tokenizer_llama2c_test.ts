@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
+import { Llama2cTokenizer } from "../runtime/tokenizer/tokenizer_llama2c.ts";
 import { exists, HELDOUT, llama2cBin, NOVELS_DIR } from "./tokenizer_helpers.ts";
 import { mulberry32 } from "./helpers.ts";
 

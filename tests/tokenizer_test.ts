@@ -4,10 +4,10 @@
  */
 
 import assert from "node:assert/strict";
-import { tokenizerFromData } from "../runtime/load_tokenizer.ts";
-import type { Tokenizer } from "../runtime/tokenizer.ts";
-import { HfTokenizer } from "../runtime/tokenizer_hf.ts";
-import { Llama2cTokenizer } from "../runtime/tokenizer_llama2c.ts";
+import { tokenizerFromData } from "../runtime/tokenizer/load_tokenizer.ts";
+import type { Tokenizer } from "../runtime/tokenizer/tokenizer.ts";
+import { HfTokenizer } from "../runtime/tokenizer/tokenizer_hf.ts";
+import { Llama2cTokenizer } from "../runtime/tokenizer/tokenizer_llama2c.ts";
 import {
   exists,
   HELDOUT,

@@ -9,7 +9,7 @@ import { ApiError } from "./errors.ts";
 import { checkModel, parseGenParams, parseMessages } from "./params.ts";
 import { checkPromptLength, checkTextLength, type ServerContext } from "./context.ts";
 import { type Format, respond } from "./respond.ts";
-import { encodeChat } from "../chat_template.ts";
+import { encodeChat } from "../tokenizer/chat_template.ts";
 
 const format: Format = {
   idPrefix: "chatcmpl",

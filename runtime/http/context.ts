@@ -1,5 +1,5 @@
 /** What every handler is built from: the engine, the metrics and the server's limits. */
-import type { Engine } from "../engine.ts";
+import type { Engine } from "../model/engine.ts";
 import type { Metrics } from "./metrics.ts";
 import { ApiError } from "./errors.ts";
 

@@ -4,7 +4,7 @@
  */
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
-import { QueueFullError } from "../engine.ts";
+import { QueueFullError } from "../model/engine.ts";
 import { ParameterError, TokenizerError } from "../errors.ts";
 import { send } from "./body.ts";
 

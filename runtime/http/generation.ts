@@ -3,10 +3,10 @@
  * (incremental detokenization, then stop strings), records metrics, and ends the job on every
  * path (finished, stop string, client gone, error).
  */
-import type { Engine } from "../engine.ts";
-import type { SamplingParams } from "../model.ts";
-import type { GenerateStats } from "../generate.ts";
-import { StreamDecoder } from "../stream_decoder.ts";
+import type { Engine } from "../model/engine.ts";
+import type { SamplingParams } from "../model/model.ts";
+import type { GenerateStats } from "../model/generate.ts";
+import { StreamDecoder } from "../tokenizer/stream_decoder.ts";
 import type { Metrics } from "./metrics.ts";
 import { StopFilter } from "./stop.ts";
 

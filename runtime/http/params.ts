@@ -2,8 +2,8 @@
  * Request validation for the OpenAI-style endpoints. Every check names the field at fault, so a
  * client gets a 400 with `param` set; null counts as absent, as in OpenAI's API.
  */
-import type { ChatMessage } from "../tokenizer.ts";
-import type { SamplingParams } from "../model.ts";
+import type { ChatMessage } from "../tokenizer/tokenizer.ts";
+import type { SamplingParams } from "../model/model.ts";
 import { ApiError, badParam } from "./errors.ts";
 
 type Body = Record<string, unknown>;

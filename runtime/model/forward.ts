@@ -3,35 +3,35 @@
  * token (matrix-vector kernels, fused RMSNorm), `prefill` for up to `maxT` tokens (matrix-matrix
  * kernels). Each reads top to bottom like llama2.c's `transformer()`.
  */
-import type { ModelConfig } from "./config.ts";
+import type { ModelConfig } from "../checkpoint/config.ts";
 import type { DenseMatrix, GpuWeights, LayerWeights, Matrix } from "./gpu_weights.ts";
 import type { RunState } from "./run_state.ts";
-import { align, type Bindable, type Gpu } from "../kernels/gpu.ts";
-import { embedGrid, embedPipeline } from "../kernels/embed.ts";
-import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
-import { type Epilogue, unitCount } from "../kernels/epilogue.ts";
-import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
+import { align, type Bindable, type Gpu } from "../../kernels/gpu.ts";
+import { embedGrid, embedPipeline } from "../../kernels/embed.ts";
+import { rmsnormGrid, rmsnormPipeline } from "../../kernels/rmsnorm.ts";
+import { type Epilogue, unitCount } from "../../kernels/epilogue.ts";
+import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../../kernels/matvec.ts";
 import {
   matmulBindings,
   matmulGrid,
   matmulPipeline,
   matmulShape,
   type MatmulVariant,
-} from "../kernels/matmul.ts";
+} from "../../kernels/matmul.ts";
 import {
   matvecQBindings,
   matvecQGrid,
   matvecQPipeline,
   matvecQShape,
-} from "../kernels/matvec_q.ts";
+} from "../../kernels/matvec_q.ts";
 import {
   matmulQBindings,
   matmulQGrid,
   matmulQPipeline,
   matmulQShape,
-} from "../kernels/matmul_q.ts";
-import { attentionGrid, attentionGroup, attentionPipeline } from "../kernels/attention.ts";
-import { sampleOptions, samplePipeline } from "../kernels/sample.ts";
+} from "../../kernels/matmul_q.ts";
+import { attentionGrid, attentionGroup, attentionPipeline } from "../../kernels/attention.ts";
+import { sampleOptions, samplePipeline } from "../../kernels/sample.ts";
 
 /** One compute dispatch, its grid a function of the step's token count. */
 export interface Dispatch {

@@ -5,7 +5,7 @@
  */
 import type { Checkpoint, TensorInfo } from "./checkpoint.ts";
 import { expectedShapes, type Llama3RopeScaling, type ModelConfig } from "./config.ts";
-import { ModelFormatError, ParameterError, ShapeError, UnsupportedModelError } from "./errors.ts";
+import { ModelFormatError, ParameterError, ShapeError, UnsupportedModelError } from "../errors.ts";
 import { isSupportedDtype, joinPath, SafetensorsSet } from "./safetensors.ts";
 
 /** Architectures lowbit runs; Qwen2 adds q/k/v biases. */

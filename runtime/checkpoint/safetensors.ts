@@ -7,7 +7,7 @@
  * offsets are relative to the start of the data area (byte 8 + N).
  */
 import type { DType } from "./checkpoint.ts";
-import { ModelFormatError, ParameterError, UnsupportedModelError } from "./errors.ts";
+import { ModelFormatError, ParameterError, UnsupportedModelError } from "../errors.ts";
 
 /** Bytes per element of the dtypes the safetensors format defines (sub-byte ones omitted). */
 const dtypeBytes: Record<string, number> = Object.fromEntries([

@@ -1,8 +1,8 @@
 /** Activations, KV cache and step buffers of one sequence on the GPU (llama2.c's RunState). */
-import { type ModelConfig, ropeInvFreq } from "./config.ts";
-import { type Gpu, STORAGE } from "../kernels/gpu.ts";
-import { STEP_BYTES } from "../kernels/common.ts";
-import type { KvSource } from "../kernels/epilogue.ts";
+import { type ModelConfig, ropeInvFreq } from "../checkpoint/config.ts";
+import { type Gpu, STORAGE } from "../../kernels/gpu.ts";
+import { STEP_BYTES } from "../../kernels/common.ts";
+import type { KvSource } from "../../kernels/epilogue.ts";
 
 export interface RunState {
   ctx: number; // positions the KV cache holds per slot

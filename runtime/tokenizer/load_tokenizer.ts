@@ -1,8 +1,8 @@
 /** Finds and loads the tokenizer of a model, or rebuilds one embedded in a model file. */
 
 import { dirname, extname, join } from "node:path";
-import { TokenizerError } from "./errors.ts";
-import { type LowbitCheckpoint, openLowbit } from "./lowbit_reader.ts";
+import { TokenizerError } from "../errors.ts";
+import { type LowbitCheckpoint, openLowbit } from "../format/lowbit_reader.ts";
 import type { Tokenizer, TokenizerData } from "./tokenizer.ts";
 import { HfTokenizer } from "./tokenizer_hf.ts";
 import { Llama2cTokenizer } from "./tokenizer_llama2c.ts";

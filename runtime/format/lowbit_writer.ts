@@ -9,9 +9,9 @@
  *   await w.close();
  */
 import { Packr } from "msgpackr";
-import type { PackedTensor } from "./checkpoint.ts";
-import { expectedShapes } from "./config.ts";
-import { ParameterError, ShapeError } from "./errors.ts";
+import type { PackedTensor } from "../checkpoint/checkpoint.ts";
+import { expectedShapes } from "../checkpoint/config.ts";
+import { ParameterError, ShapeError } from "../errors.ts";
 import {
   align,
   elementCount,
@@ -25,8 +25,8 @@ import {
   tensorByteSizes,
   tensorProblem,
 } from "./lowbit_file.ts";
-import type { TokenizerData } from "./tokenizer.ts";
-import type { ModelConfig } from "./config.ts";
+import type { TokenizerData } from "../tokenizer/tokenizer.ts";
+import type { ModelConfig } from "../checkpoint/config.ts";
 
 export interface LowbitSpec {
   config: ModelConfig;

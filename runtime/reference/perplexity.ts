@@ -14,10 +14,10 @@
  * Per-line mode scores each non-empty line on its own (BOS first, split into windows the same
  * way when longer), as the TinyStories figure is measured.
  */
-import type { ModelConfig } from "./config.ts";
-import { NumericalError, ParameterError } from "./errors.ts";
+import type { ModelConfig } from "../checkpoint/config.ts";
+import { NumericalError, ParameterError } from "../errors.ts";
 import type { ReferenceModel } from "./reference.ts";
-import type { Tokenizer } from "./tokenizer.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 
 /** What perplexity needs of a model; GpuModel has it. */
 export interface LogitsModel {

@@ -6,14 +6,14 @@
  *   deno task generate --model ../shared/models/stories260K/stories260K.bin --temperature 0
  */
 import { parseArgs } from "node:util";
-import { loadModel } from "./load.ts";
-import { generate } from "./generate.ts";
-import { StreamDecoder } from "./stream_decoder.ts";
-import { validateSamplingParams } from "./sampling.ts";
-import { ParameterError } from "./errors.ts";
+import { loadModel } from "../model/load.ts";
+import { generate } from "../model/generate.ts";
+import { StreamDecoder } from "../tokenizer/stream_decoder.ts";
+import { validateSamplingParams } from "../model/sampling.ts";
+import { ParameterError } from "../errors.ts";
 import { dtypeOption, numberOption, runMain } from "./cli.ts";
-import { describeWeights } from "./gpu_weights.ts";
-import { encodeChat } from "./chat_template.ts";
+import { describeWeights } from "../model/gpu_weights.ts";
+import { encodeChat } from "../tokenizer/chat_template.ts";
 
 const USAGE = `usage: deno task generate --model PATH [options]
   --model PATH         Hugging Face model directory, llama2.c .bin, or .lowbit file

@@ -9,7 +9,7 @@ import {
   Tokenizer as HfLibTokenizer,
 } from "@huggingface/tokenizers";
 import { noChatTemplateError, pickChatTemplate, renderChatTemplate } from "./chat_template.ts";
-import { TokenizerError } from "./errors.ts";
+import { TokenizerError } from "../errors.ts";
 import type { ChatMessage, Tokenizer, TokenizerData } from "./tokenizer.ts";
 
 /** Options for {@link HfTokenizer}. */

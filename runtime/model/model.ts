@@ -3,9 +3,9 @@
  * evaluation and tests build on. Everything is submitted without waiting; only the explicit
  * read-back helpers wait on the GPU.
  */
-import type { Checkpoint } from "./checkpoint.ts";
-import type { ModelConfig } from "./config.ts";
-import { ParameterError } from "./errors.ts";
+import type { Checkpoint } from "../checkpoint/checkpoint.ts";
+import type { ModelConfig } from "../checkpoint/config.ts";
+import { ParameterError } from "../errors.ts";
 import type { SamplingParams as HostSamplingParams } from "./sampling.ts";
 import { type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.ts";
 import { createRunState, type RunState } from "./run_state.ts";
@@ -17,9 +17,9 @@ import {
   encodeDispatches,
   type ForwardPlan,
 } from "./forward.ts";
-import { type Gpu } from "../kernels/gpu.ts";
-import { MAX_ROWS, packStep, type StepParams, type StepRow } from "../kernels/common.ts";
-import { sampleOptions, samplePipeline } from "../kernels/sample.ts";
+import { type Gpu } from "../../kernels/gpu.ts";
+import { MAX_ROWS, packStep, type StepParams, type StepRow } from "../../kernels/common.ts";
+import { sampleOptions, samplePipeline } from "../../kernels/sample.ts";
 
 /** Host sampling parameters plus the seed of the GPU sampler's random numbers. */
 export type SamplingParams = HostSamplingParams & { seed: number };

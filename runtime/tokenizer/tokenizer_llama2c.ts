@@ -5,7 +5,7 @@
  */
 
 import { noChatTemplateError, renderChatTemplate } from "./chat_template.ts";
-import { TokenizerError } from "./errors.ts";
+import { TokenizerError } from "../errors.ts";
 import type { ChatMessage, Tokenizer, TokenizerData } from "./tokenizer.ts";
 
 const BOS = 1;

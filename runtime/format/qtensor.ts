@@ -3,7 +3,7 @@
  * g = ⌊k / G⌋, signed integers q ∈ [−2^(b−1), 2^(b−1)−1] and fp16-representable s, z.
  */
 
-import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import { ParameterError, ShapeError } from "../errors.ts";
 
 /** Supported weight bit widths. */
 export type Bits = 2 | 3 | 4;

@@ -5,9 +5,9 @@
  * CPU reference runs a quantized model too.
  */
 import { Unpackr } from "msgpackr";
-import type { Checkpoint, PackedTensor, TensorInfo } from "./checkpoint.ts";
-import { expectedShapes } from "./config.ts";
-import { ModelFormatError, ParameterError } from "./errors.ts";
+import type { Checkpoint, PackedTensor, TensorInfo } from "../checkpoint/checkpoint.ts";
+import { expectedShapes } from "../checkpoint/config.ts";
+import { ModelFormatError, ParameterError } from "../errors.ts";
 import {
   checkConfig,
   LOWBIT_ALIGN,
@@ -19,9 +19,9 @@ import {
   tensorByteSizes,
   tensorProblem,
 } from "./lowbit_file.ts";
-import { decodeToF32, readExact, rowGeometry } from "./safetensors.ts";
-import { unpackQ } from "../quantize/pack.ts";
-import { dequantize } from "../quantize/qtensor.ts";
+import { decodeToF32, readExact, rowGeometry } from "../checkpoint/safetensors.ts";
+import { unpackQ } from "./pack.ts";
+import { dequantize } from "./qtensor.ts";
 
 export interface LowbitCheckpoint extends Checkpoint {
   header: LowbitHeader;

@@ -17,9 +17,9 @@
  * only).
  */
 import type { GpuModel, SamplingParams } from "./model.ts";
-import type { Tokenizer } from "./tokenizer.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import type { GenerateStats } from "./generate.ts";
-import { ParameterError } from "./errors.ts";
+import { ParameterError } from "../errors.ts";
 
 export interface Job {
   prompt: number[];

@@ -8,7 +8,7 @@
  */
 import type { Checkpoint, TensorInfo } from "./checkpoint.ts";
 import { type ModelConfig, tensorNames } from "./config.ts";
-import { ModelFormatError, ParameterError, UnsupportedModelError } from "./errors.ts";
+import { ModelFormatError, ParameterError, UnsupportedModelError } from "../errors.ts";
 import { readExact, rowGeometry } from "./safetensors.ts";
 
 const HEADER_BYTES = 7 * 4;

@@ -6,11 +6,11 @@
  * @example
  *   deno task inspect model.lowbit
  */
-import { type ModelConfig, tensorNames as T } from "./config.ts";
-import { ParameterError } from "./errors.ts";
-import { elementCount, type LowbitTensorEntry } from "./lowbit_file.ts";
-import { type LowbitCheckpoint, openLowbit } from "./lowbit_reader.ts";
-import { tokenizerFromData } from "./load_tokenizer.ts";
+import { type ModelConfig, tensorNames as T } from "../checkpoint/config.ts";
+import { ParameterError } from "../errors.ts";
+import { elementCount, type LowbitTensorEntry } from "../format/lowbit_file.ts";
+import { type LowbitCheckpoint, openLowbit } from "../format/lowbit_reader.ts";
+import { tokenizerFromData } from "../tokenizer/load_tokenizer.ts";
 import { runMain } from "./cli.ts";
 
 /** Rows as a text table: columns padded, numbers (`right`) right-aligned. */

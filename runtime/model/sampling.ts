@@ -2,7 +2,7 @@
  * Token sampling on the host: greedy, temperature, top-k and top-p, driven by an explicit
  * uniform number so runs are reproducible. A GPU implementation mirrors `sample` exactly.
  */
-import { ParameterError } from "./errors.ts";
+import { ParameterError } from "../errors.ts";
 
 /** Logits of one position, float32 (GPU read-back) or float64 (reference). */
 export type Logits = Float32Array | Float64Array;

@@ -3,9 +3,9 @@
  * memory stays near the largest slice. q/k/v and gate/up are concatenated row-wise into one
  * matrix each, so one dispatch computes them together.
  */
-import type { Checkpoint } from "./checkpoint.ts";
-import { type ModelConfig, tensorNames as T } from "./config.ts";
-import { GpuError, ShapeError } from "./errors.ts";
+import type { Checkpoint } from "../checkpoint/checkpoint.ts";
+import { type ModelConfig, tensorNames as T } from "../checkpoint/config.ts";
+import { GpuError, ShapeError } from "../errors.ts";
 import {
   bytesPer,
   DENSE_TEX_WIDTH,
@@ -16,10 +16,10 @@ import {
   texSize,
   type WeightSource,
   writeTexels,
-} from "../kernels/common.ts";
-import { denseTexMaxRows } from "../kernels/dense_texture.ts";
-import { createQTextures } from "../kernels/matvec_q.ts";
-import { type Gpu, STORAGE } from "../kernels/gpu.ts";
+} from "../../kernels/common.ts";
+import { denseTexMaxRows } from "../../kernels/dense_texture.ts";
+import { createQTextures } from "../../kernels/matvec_q.ts";
+import { type Gpu, STORAGE } from "../../kernels/gpu.ts";
 
 /**
  * A dense weight matrix (rows, K), split into row chunks that each fit one binding: storage

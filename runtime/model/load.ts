@@ -1,10 +1,10 @@
 /** Opens a model path (checkpoint and tokenizer) and loads it onto the GPU, with progress. */
-import { openCheckpoint } from "./open_checkpoint.ts";
-import { loadTokenizer } from "./load_tokenizer.ts";
+import { openCheckpoint } from "../checkpoint/open_checkpoint.ts";
+import { loadTokenizer } from "../tokenizer/load_tokenizer.ts";
 import { GpuModel, type LoadOptions } from "./model.ts";
-import type { Tokenizer } from "./tokenizer.ts";
-import { createGpu, type Gpu } from "../kernels/gpu.ts";
-import { progress } from "./cli.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
+import { createGpu, type Gpu } from "../../kernels/gpu.ts";
+import { progress } from "../cli/cli.ts";
 
 export interface LoadedModel {
   gpu: Gpu;

@@ -6,7 +6,7 @@
  * on the GPU per token. A stop found late discards the few steps already in flight.
  */
 import type { GpuModel, SamplingParams } from "./model.ts";
-import { ParameterError } from "./errors.ts";
+import { ParameterError } from "../errors.ts";
 
 export interface GenerateRequest {
   prompt: number[]; // token ids, BOS included when the model wants it

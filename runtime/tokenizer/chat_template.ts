@@ -1,7 +1,7 @@
 /** Renders Hugging Face style Jinja chat templates with `@huggingface/jinja`. */
 
 import { Template } from "@huggingface/jinja";
-import { TokenizerError } from "./errors.ts";
+import { TokenizerError } from "../errors.ts";
 import type { ChatMessage, Tokenizer } from "./tokenizer.ts";
 
 /** What a chat template sees besides the messages. */

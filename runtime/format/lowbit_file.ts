@@ -4,10 +4,10 @@
  * a MessagePack header (config, tokenizer, quantization settings, tensor table), then the tensor
  * data, every array at a 64-byte-aligned absolute offset.
  */
-import type { QuantInfo } from "./checkpoint.ts";
-import type { ModelConfig } from "./config.ts";
-import type { TokenizerData } from "./tokenizer.ts";
-import { ModelFormatError } from "./errors.ts";
+import type { QuantInfo } from "../checkpoint/checkpoint.ts";
+import type { ModelConfig } from "../checkpoint/config.ts";
+import type { TokenizerData } from "../tokenizer/tokenizer.ts";
+import { ModelFormatError } from "../errors.ts";
 
 /** The 8 bytes every .lowbit file starts with. */
 export const LOWBIT_MAGIC = new Uint8Array([0x4c, 0x4f, 0x57, 0x42, 0x49, 0x54, 0, 0]); // "LOWBIT\0\0"

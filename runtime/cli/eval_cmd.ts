@@ -1,5 +1,5 @@
 /**
- * `deno task eval`: perplexity of a model on a text file (windowing in runtime/perplexity.ts).
+ * `deno task eval`: perplexity of a model on a text file (windowing in runtime/reference/perplexity.ts).
  * The result goes to stdout (a line, or JSON with --json), progress to stderr.
  *
  * @example
@@ -9,13 +9,13 @@
  *     --text ../shared/data/tinystories/TinyStories-valid-sample.txt   # perplexity 5.63
  */
 import { parseArgs } from "node:util";
-import { loadModel } from "./load.ts";
-import { loadTokenizer } from "./load_tokenizer.ts";
-import { openCheckpoint } from "./open_checkpoint.ts";
-import { ReferenceModel } from "./reference.ts";
-import { type LogitsModel, perplexity, referenceLogitsModel } from "./perplexity.ts";
-import type { Tokenizer } from "./tokenizer.ts";
-import { ParameterError } from "./errors.ts";
+import { loadModel } from "../model/load.ts";
+import { loadTokenizer } from "../tokenizer/load_tokenizer.ts";
+import { openCheckpoint } from "../checkpoint/open_checkpoint.ts";
+import { ReferenceModel } from "../reference/reference.ts";
+import { type LogitsModel, perplexity, referenceLogitsModel } from "../reference/perplexity.ts";
+import type { Tokenizer } from "../tokenizer/tokenizer.ts";
+import { ParameterError } from "../errors.ts";
 import { dtypeOption, numberOption, runMain } from "./cli.ts";
 
 const USAGE = `usage: deno task eval --model PATH --text FILE [options]

@@ -10,7 +10,7 @@
 import { createHash } from "node:crypto";
 import { dirname, join } from "node:path";
 import { downloadFile, HubApiError, type ListFileEntry, listFiles } from "@huggingface/hub";
-import { progress } from "./cli.ts";
+import { progress } from "../cli/cli.ts";
 
 /** The model `deno task serve` uses when given no --model: a small Llama with a chat template. */
 export const DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct";

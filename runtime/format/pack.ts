@@ -18,7 +18,7 @@
  * of s, high 16 bits = fp16 bits of z (WGSL `unpack2x16float(sz)` = vec2(s, z)).
  */
 
-import { NumericalError, ParameterError, ShapeError } from "../runtime/errors.ts";
+import { NumericalError, ParameterError, ShapeError } from "../errors.ts";
 import {
   type Bits,
   checkBits,

@@ -3,9 +3,14 @@
  * of llama2.c run.c's `forward()`. It is the ground truth the GPU engine is tested against:
  * keep it simple and obviously right rather than fast.
  */
-import type { Checkpoint } from "./checkpoint.ts";
-import { expectedShapes, type ModelConfig, ropeInvFreq, tensorNames as N } from "./config.ts";
-import { ParameterError, ShapeError } from "./errors.ts";
+import type { Checkpoint } from "../checkpoint/checkpoint.ts";
+import {
+  expectedShapes,
+  type ModelConfig,
+  ropeInvFreq,
+  tensorNames as N,
+} from "../checkpoint/config.ts";
+import { ParameterError, ShapeError } from "../errors.ts";
 
 /** out[i] = Σ_j w[i*n + j] · x[j] (+ b[i]); w is (out.length, n) row-major. */
 function matvec(out: Float64Array, w: Float32Array, x: Float64Array, b?: Float32Array): void {

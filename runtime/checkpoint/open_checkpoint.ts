@@ -1,9 +1,9 @@
 /** Opens any supported checkpoint by looking at what the path is. */
 import type { Checkpoint } from "./checkpoint.ts";
-import { ModelFormatError } from "./errors.ts";
+import { ModelFormatError } from "../errors.ts";
 import { openHfCheckpoint } from "./hf_checkpoint.ts";
 import { openLlama2cCheckpoint } from "./llama2c_checkpoint.ts";
-import { openLowbit } from "./lowbit_reader.ts";
+import { openLowbit } from "../format/lowbit_reader.ts";
 import { joinPath } from "./safetensors.ts";
 
 /**

@@ -2,8 +2,8 @@
  * Shared command-line plumbing: known errors print one line and exit 1, never a stack trace;
  * option values are checked with errors that name the option.
  */
-import { ParameterError } from "./errors.ts";
-import type { WeightDType } from "./gpu_weights.ts";
+import { ParameterError } from "../errors.ts";
+import type { WeightDType } from "../model/gpu_weights.ts";
 
 const KNOWN = new Set([
   "ModelFormatError",
