@@ -6,7 +6,6 @@
  *   deno task serve --model ../shared/models/stories260K-hf --port 8080
  *   curl localhost:8080/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'
  */
-import { parseArgs } from "node:util";
 import { basename } from "node:path";
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
@@ -14,7 +13,7 @@ import { methodNotAllowed } from "hono/method-not-allowed";
 import { Engine } from "./runtime/model/engine.ts";
 import { loadModel } from "./runtime/model/load.ts";
 import { ParameterError } from "./runtime/errors.ts";
-import { intOption, runMain } from "./runtime/cli/cli.ts";
+import { intOption, numberOption, parseCli, runMain } from "./runtime/cli/cli.ts";
 import {
   DEFAULT_MODEL,
   DownloadError,
@@ -29,6 +28,9 @@ import { completions } from "./runtime/http/completions.ts";
 import { chatCompletions } from "./runtime/http/chat.ts";
 import { getModel, health, listModels } from "./runtime/http/models.ts";
 import { detokenize, tokenize } from "./runtime/http/tokenize.ts";
+import { playground } from "./runtime/http/playground.ts";
+import { corsFor, parseCorsOrigins, requireApiKey, resolveApiKey } from "./runtime/http/access.ts";
+import { refuseWhileDraining, shutdownOnSignals } from "./runtime/http/shutdown.ts";
 
 /**
  * The default model (or `repo`), downloaded once, then quantized once to W4 g128 (RTN: no
@@ -62,6 +64,12 @@ export interface AppOptions {
   /** Largest request body in bytes (default 1 MiB). */
   maxBodyBytes?: number;
   metrics?: Metrics;
+  /** Requests need `Authorization: Bearer apiKey`, except /health (and /metrics if public). */
+  apiKey?: string;
+  /** /metrics without the API key. */
+  metricsPublic?: boolean;
+  /** Origins allowed to call the server from a browser (`*`: any); none by default. */
+  cors?: string[];
 }
 
 /** The Hono app serving `engine`. */
@@ -82,6 +90,19 @@ export function createApp(engine: Engine, options: AppOptions = {}): Hono {
   app.onError(errorHook((depth) => metrics.retryAfter(depth)));
   app.notFound(notFound);
   app.use(countRequests(metrics, () => app.routes));
+  const ui = playground(); // the page is open (routed before the API key); it sends the key
+  app.get("/", ui.page);
+  app.get("/playground/:file", ui.asset);
+  if (options.cors?.length) app.use(corsFor(options.cors));
+  if (options.apiKey !== undefined) {
+    app.use(requireApiKey(
+      options.apiKey,
+      options.metricsPublic ? ["/health", "/metrics"] : [
+        "/health",
+      ],
+    ));
+  }
+  app.use(refuseWhileDraining(engine, ["/health", "/metrics"]));
   app.use(methodNotAllowed({ app, onMethodNotAllowed: on405 }));
   app.use(bodyLimit({ maxSize, onError: tooLarge }));
 
@@ -113,19 +134,56 @@ export interface RunningServer {
   port: number;
 }
 
+/** The one-line error for failing to listen on `hostname:port`. */
+function listenError(e: unknown, hostname: string, port: number): Error {
+  const where = `port ${port} on ${hostname}`;
+  if (e instanceof Deno.errors.AddrInUse) {
+    return new ParameterError(
+      `${where} is in use; stop the process listening there or pass another --port`,
+    );
+  }
+  if (e instanceof Deno.errors.PermissionDenied) {
+    return new ParameterError(
+      `${where}: permission denied (ports below 1024 need privileges); pass another --port`,
+    );
+  }
+  if (e instanceof Deno.errors.AddrNotAvailable) {
+    return new ParameterError(`--host ${hostname} is not an address of this machine`);
+  }
+  const why = (e as Error).message;
+  if (e instanceof URIError || /lookup address/.test(why)) {
+    return new ParameterError(`--host "${hostname}" is not an IP address or known host name`);
+  }
+  return new ParameterError(`cannot listen on ${where}: ${why}; check --host and --port`);
+}
+
+/**
+ * Throws a one-line ParameterError unless `hostname:port` can be listened on: a probe that
+ * binds and closes, so a port in use or a bad --host is reported before the model loads.
+ */
+export function checkListen(hostname: string, port: number): void {
+  let listener: Deno.Listener;
+  try {
+    listener = Deno.listen({ hostname, port });
+  } catch (e) {
+    throw listenError(e, hostname, port);
+  }
+  listener.close();
+}
+
 /** Serves `engine` over HTTP until `options.signal` aborts (or `server.shutdown()`). */
 export function startServer(engine: Engine, options: ServeOptions = {}): RunningServer {
   const app = createApp(engine, options);
-  const server = Deno.serve({
-    hostname: options.hostname ?? "127.0.0.1",
-    port: options.port ?? 8080,
-    signal: options.signal,
-    onListen: () => {},
-  }, app.fetch);
-  const { hostname, port } = server.addr;
-  const url = `http://${hostname}:${port}`;
+  const hostname = options.hostname ?? "127.0.0.1", port = options.port ?? 8080;
+  let server: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    server = Deno.serve({ hostname, port, signal: options.signal, onListen: () => {} }, app.fetch);
+  } catch (e) {
+    throw listenError(e, hostname, port);
+  }
+  const url = `http://${server.addr.hostname}:${server.addr.port}`;
   if (!options.quiet) console.error(`serving ${engine.modelId} on ${url}`);
-  return { server, url, port };
+  return { server, url, port: server.addr.port };
 }
 
 const USAGE = `usage: deno task serve [options]
@@ -139,10 +197,16 @@ const USAGE = `usage: deno task serve [options]
   --max-tokens-limit N    largest max_tokens a request may ask for (default: the context)
   --max-queue N           requests allowed to wait; more get 429 (default 64)
   --slots N               requests decoded together, each with a KV cache of the context
-                          (default 8)`;
+                          (default 8)
+  --drain-timeout S       on SIGTERM/SIGINT, seconds to let running and queued requests
+                          finish before aborting them (default 30); a second signal exits now
+  --api-key KEY           require Authorization: Bearer KEY (also $LOWBIT_API_KEY)
+  --api-key-file PATH     the same, the key read from a file (trimmed)
+  --metrics-public        serve /metrics without the API key (/health never needs it)
+  --cors ORIGIN           allow browser pages of ORIGIN (repeatable, comma list, or *)`;
 
 async function main(args: string[]): Promise<void> {
-  const { values: a } = parseArgs({
+  const { values: a } = parseCli({
     args,
     options: {
       model: { type: "string" },
@@ -154,6 +218,11 @@ async function main(args: string[]): Promise<void> {
       "max-tokens-limit": { type: "string" },
       "max-queue": { type: "string", default: "64" },
       slots: { type: "string", default: "8" },
+      "drain-timeout": { type: "string", default: "30" },
+      "api-key": { type: "string" },
+      "api-key-file": { type: "string" },
+      "metrics-public": { type: "boolean", default: false },
+      cors: { type: "string", multiple: true },
       help: { type: "boolean", default: false },
     },
   });
@@ -163,6 +232,24 @@ async function main(args: string[]): Promise<void> {
   }
   const port = intOption("port", a.port, 0)!;
   if (port > 65535) throw new ParameterError(`--port must be at most 65535; got ${port}`);
+  const drainTimeoutS = numberOption(
+    "drain-timeout",
+    a["drain-timeout"]!,
+    "a number of seconds ≥ 0",
+    (n) => Number.isFinite(n) && n >= 0,
+  );
+  const apiKey = await resolveApiKey(
+    a["api-key"],
+    a["api-key-file"],
+    Deno.env.get("LOWBIT_API_KEY"),
+  );
+  const cors = parseCorsOrigins(a.cors ?? []);
+  const engineOptions = {
+    maxQueue: intOption("max-queue", a["max-queue"], 0),
+    slots: intOption("slots", a.slots, 1),
+  };
+  const maxTokensLimit = intOption("max-tokens-limit", a["max-tokens-limit"], 1);
+  checkListen(a.host!, port); // before the model loads: a port in use fails at once
   const path = a.model ?? await defaultModelW4().catch((e) => {
     if (!(e instanceof DownloadError)) throw e;
     console.error(`error: ${e.message}; pass --model PATH to serve a local model`);
@@ -174,20 +261,18 @@ async function main(args: string[]): Promise<void> {
     tokenizer: a.tokenizer,
     ctx: intOption("ctx", a.ctx, 2),
   });
-  const engine = new Engine(model, tokenizer, modelId, {
-    maxQueue: intOption("max-queue", a["max-queue"], 0),
-    slots: intOption("slots", a.slots, 1),
-  });
-  const shutdown = new AbortController();
-  Deno.addSignalListener("SIGINT", () => shutdown.abort());
+  const engine = new Engine(model, tokenizer, modelId, engineOptions);
   const { server } = startServer(engine, {
     hostname: a.host,
     port,
-    maxTokensLimit: intOption("max-tokens-limit", a["max-tokens-limit"], 1),
-    signal: shutdown.signal,
+    maxTokensLimit,
+    apiKey,
+    metricsPublic: a["metrics-public"],
+    cors,
   });
-  console.error(`context ${engine.contextLength} tokens | ${gpu.adapterName}`);
-  await server.finished;
+  const access = apiKey === undefined ? "no API key" : "API key required";
+  console.error(`context ${engine.contextLength} tokens | ${gpu.adapterName} | ${access}`);
+  await shutdownOnSignals(engine, server, drainTimeoutS);
 }
 
 if (import.meta.main) runMain(() => main(Deno.args));

@@ -3,10 +3,13 @@
  * written once to a cache folder) and reports the load time, the read rate, and the peak host
  * memory beyond the GPU buffers (peak RSS minus the bytes held in GPU buffers, since lavapipe
  * keeps those in host memory). The load runs in a fresh child process so its peak RSS is its own.
+ * It also reports the cost of the NaN/Inf check every reader runs on the data it reads
+ * (`runtime/checkpoint/finite.ts`): its rate on 256 MiB of F16, times the checkpoint's bytes.
  */
 import { parseArgs } from "node:util";
 import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
 import { GpuModel } from "../runtime/model/model.ts";
+import { firstNonFinite } from "../runtime/checkpoint/finite.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { cachedSyntheticCheckpoint, llama32_1bLikeConfig } from "../tests/synthetic.ts";
 import { peakRss, recordResults, table, today } from "./results.ts";
@@ -21,6 +24,19 @@ async function dirBytes(dir: string): Promise<number> {
   return n;
 }
 
+/** Bytes per second of the NaN/Inf check over F16 data: the best of 3 passes over 256 MiB. */
+function finiteCheckRate(): number {
+  const probe = new Uint8Array(256 * MB);
+  new Uint16Array(probe.buffer).fill(0x3c00); // 1.0: finite, as a real checkpoint's data
+  let best = Infinity;
+  for (let i = 0; i < 3; i++) {
+    const t0 = performance.now();
+    if (firstNonFinite("F16", probe) !== -1) throw new Error("the probe is finite");
+    best = Math.min(best, (performance.now() - t0) / 1000);
+  }
+  return probe.length / best;
+}
+
 /** The child: load, then print one JSON line. */
 async function child(path: string): Promise<void> {
   const gpu = await createGpu();
@@ -31,7 +47,11 @@ async function child(path: string): Promise<void> {
   const seconds = (performance.now() - t0) / 1000;
   ckpt.close();
   const gpuBytes = model.weights.bytes + model.state.bytes;
-  console.log(JSON.stringify({ seconds, gpuBytes, peakRss: peakRss(), adapter: gpu.adapterName }));
+  const rss = peakRss(); // before the check's probe buffer
+  const checkRate = finiteCheckRate();
+  console.log(
+    JSON.stringify({ seconds, gpuBytes, peakRss: rss, checkRate, adapter: gpu.adapterName }),
+  );
 }
 
 export async function benchLoad(args: string[]): Promise<void> {
@@ -45,6 +65,9 @@ export async function benchLoad(args: string[]): Promise<void> {
   if (values.child) return await child(values.child);
   const dir = await cachedSyntheticCheckpoint(values.dir!, llama32_1bLikeConfig, 2);
   const fileBytes = await dirBytes(dir);
+  // Wall-clock figures: a busy host slows them, so the record says how busy it was.
+  const busy = `host load average ${Deno.loadavg()[0].toFixed(1)} on ` +
+    `${navigator.hardwareConcurrency} cores at the start`;
   const cmd = new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", new URL("./main.ts", import.meta.url).pathname, "load", "--child", dir],
     stdout: "piped",
@@ -54,10 +77,16 @@ export async function benchLoad(args: string[]): Promise<void> {
   if (!out.success) throw new Error("the load child failed");
   const r = JSON.parse(new TextDecoder().decode(out.stdout).trim().split("\n").pop()!);
   const overhead = r.peakRss - r.gpuBytes;
+  const checkSeconds = fileBytes / r.checkRate;
   const rows = [
     ["checkpoint", `${(fileBytes / 1e9).toFixed(2)} GB F16, 2 shards`],
     ["load time", `${r.seconds.toFixed(1)} s`],
     ["read rate", `${(fileBytes / 1e9 / r.seconds).toFixed(2)} GB/s`],
+    [
+      "NaN/Inf check (part of the load time)",
+      `${checkSeconds.toFixed(2)} s (${(r.checkRate / 1e9).toFixed(1)} GB/s, ` +
+      `${(100 * checkSeconds / r.seconds).toFixed(1)}% of the load)`,
+    ],
     ["GPU buffers", `${(r.gpuBytes / MB).toFixed(0)} MiB`],
     ["peak RSS", `${(r.peakRss / MB).toFixed(0)} MiB`],
     [
@@ -69,6 +98,6 @@ export async function benchLoad(args: string[]): Promise<void> {
   await recordResults(
     "load 1B F16",
     r.adapter,
-    `${today()}\n\n${table(["figure", "value"], rows)}`,
+    `${today()}, ${busy}.\n\n${table(["figure", "value"], rows)}`,
   );
 }

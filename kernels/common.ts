@@ -10,10 +10,10 @@ export const MAX_ROWS = 256;
  * `rows[t]` says where the step's token t belongs (the kernels that touch positions, the token
  * buffer or the KV cache read it; none uses `pos` directly): x = its position, y = kvBase (the
  * first KV cache row of its sequence), z = tokenBase (the first token-buffer entry of its
- * sequence), w = 0. Token t is tokens[z + x], its k and v go to KV row y + x and it attends to
- * KV rows y .. y + x. One sequence from `pos` is rows[t] = (pos + t, 0, 0, 0), what `packStep`
- * writes when no rows are given; several sequences sharing one KV cache (slot s at kvBase s·ctx)
- * can share a step.
+ * sequence), w = its slot (whose sampler state the sampler uses: kernels/penalties.ts). Token t
+ * is tokens[z + x], its k and v go to KV row y + x and it attends to KV rows y .. y + x. One
+ * sequence from `pos` is rows[t] = (pos + t, 0, 0, 0), what `packStep` writes when no rows are
+ * given; several sequences sharing one KV cache (slot s at kvBase s·ctx) can share a step.
  */
 export const STEP_WGSL = /* wgsl */ `
 struct Step {
@@ -25,7 +25,7 @@ struct Step {
   topp: f32,         // >= 1 = off
   pad0: u32,
   pad1: u32,
-  rows: array<vec4<u32>, ${MAX_ROWS}>, // per token: pos, kvBase, tokenBase, 0
+  rows: array<vec4<u32>, ${MAX_ROWS}>, // per token: pos, kvBase, tokenBase, slot
   samp: array<vec4<u32>, ${MAX_ROWS}>, // per token: seed, temperature bits, topk, topp bits
 }`;
 
@@ -36,6 +36,8 @@ export interface StepRow {
   pos: number;
   kvBase: number;
   tokenBase: number;
+  /** The sequence's slot: its sampler state (kernels/penalties.ts; default 0). */
+  slot?: number;
   /**
    * The row's own sampling parameters (the per-row sampler's `samp[t]`; default: the step's).
    */
@@ -81,6 +83,7 @@ export function packStep(s: StepParams): ArrayBuffer {
       u[8 + 4 * t] = r.pos;
       u[9 + 4 * t] = r.kvBase;
       u[10 + 4 * t] = r.tokenBase;
+      u[11 + 4 * t] = r.slot ?? 0;
     });
   } else {
     for (let t = 0; t < Math.min(s.ntok, MAX_ROWS); t++) u[8 + 4 * t] = s.pos + t;

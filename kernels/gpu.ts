@@ -1,14 +1,27 @@
 /** The WebGPU device, its limits and features, and the pipeline cache every kernel uses. */
 import { GpuError } from "./errors.ts";
+import { restrictToAdapter } from "./adapter.ts";
 
 export interface GpuOptions {
   /** Use `shader-f16` for f16 weights when the adapter has it (default true). */
   allowShaderF16?: boolean;
+  /**
+   * The adapter to use: a Vulkan driver's index or name (kernels/adapter.ts); default
+   * `$LOWBIT_ADAPTER`, else the one WebGPU prefers.
+   */
+  adapter?: string;
 }
+
+/** What to do when an adapter cannot run the kernels. */
+const ADAPTER_FIX = "without a GPU, install the CPU Vulkan driver (apt-get install -y " +
+  "mesa-vulkan-drivers); with one, install its Vulkan driver (or set VK_DRIVER_FILES to its " +
+  "ICD manifest); choose among installed drivers with --adapter NAME|INDEX or LOWBIT_ADAPTER";
 
 /** A device plus what the kernels need to know about it. */
 export class Gpu {
   readonly pipelines = new Map<string, GPUComputePipeline>();
+  /** The first WebGPU error no scope caught (the device's `uncapturederror`), if any. */
+  failure: string | null = null;
   constructor(
     readonly device: GPUDevice,
     readonly adapterName: string,
@@ -36,6 +49,44 @@ export class Gpu {
       this.pipelines.set(key, p);
     }
     return p;
+  }
+
+  /**
+   * Runs `fn` (creating buffers, textures, pipelines, or a first dispatch) inside validation and
+   * out-of-memory error scopes: an adapter that cannot run the kernels becomes one GpuError that
+   * names the adapter, what failed and the fix, instead of a stream of WebGPU errors and
+   * silently wrong output.
+   */
+  async validated<T>(what: string, fn: () => T | Promise<T>): Promise<T> {
+    const { device } = this;
+    device.pushErrorScope("out-of-memory");
+    device.pushErrorScope("validation");
+    let result: T | undefined, thrown: unknown = null;
+    try {
+      result = await fn();
+    } catch (e) {
+      thrown = e;
+    }
+    const invalid = await device.popErrorScope();
+    const oom = await device.popErrorScope();
+    const err = invalid ?? oom;
+    // the adapter's own error explains a failure better than whatever it led to
+    if (err) throw this.cannotRun(what, err.message);
+    if (thrown !== null) throw thrown;
+    return result as T;
+  }
+
+  /** Throws the first error that escaped every scope since the device was created. */
+  check(what: string): void {
+    if (this.failure !== null) throw this.cannotRun(what, this.failure);
+  }
+
+  private cannotRun(what: string, message: string): GpuError {
+    const first = message.split("\n").find((l) => l.trim()) ?? message;
+    return new GpuError(
+      `the WebGPU adapter "${this.adapterName}" cannot run lowbit's kernels: ${what} failed ` +
+        `(${first.trim()}); ${ADAPTER_FIX}`,
+    );
   }
 
   buffer(label: string, size: number, usage: number): GPUBuffer {
@@ -99,6 +150,8 @@ export function align(n: number, a: number): number {
 /** Requests the adapter and a device with the largest buffer limits it offers. */
 export async function createGpu(options: GpuOptions = {}): Promise<Gpu> {
   if (!("gpu" in navigator)) throw new GpuError("WebGPU is not available in this Deno build");
+  const spec = options.adapter ?? Deno.env.get("LOWBIT_ADAPTER");
+  if (spec) restrictToAdapter(spec);
   const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
   if (!adapter) {
     throw new GpuError(
@@ -125,17 +178,21 @@ export async function createGpu(options: GpuOptions = {}): Promise<Gpu> {
       maxUniformBufferBindingSize: l.maxUniformBufferBindingSize,
     },
   });
-  device.addEventListener("uncapturederror", (e) => {
-    console.error(`WebGPU error: ${(e as GPUUncapturedErrorEvent).error.message}`);
-  });
   const info = adapter.info;
   const name = info.description || `${info.vendor} ${info.device}`.trim() || "unknown adapter";
   const isCpu = info.isFallbackAdapter || /llvmpipe|lavapipe|swiftshader/i.test(name);
-  return new Gpu(
+  const gpu = new Gpu(
     device,
     name,
     requiredFeatures.includes("shader-f16"),
     requiredFeatures.includes("timestamp-query"),
     isCpu,
   );
+  // errors outside every scope: the first is kept for `check` and printed once, not per call
+  device.addEventListener("uncapturederror", (e) => {
+    if (gpu.failure !== null) return;
+    gpu.failure = (e as GPUUncapturedErrorEvent).error.message;
+    console.error(`WebGPU error on "${name}": ${gpu.failure}`);
+  });
+  return gpu;
 }

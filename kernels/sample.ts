@@ -4,10 +4,13 @@
  * tokens[pos + ntok] for one sequence), where the next step's embedding gather reads it.
  *
  * Mirrors `sample()` in runtime/model/sampling.ts: temperature 0 is argmax (lowest index on ties);
- * otherwise p_i = exp((l_i − max) / T), a threshold t = max(k-th largest p, top-p cut) found by
- * bisection over the bit patterns of positive floats (exact, 31 rounds), and the token is the
- * first, in index order, whose cumulative kept mass exceeds u · (kept mass), with
- * u = uniform(seed, position of the sampled token) from the PCG hash.
+ * otherwise p_i = exp((l_i − max) / T), a threshold t = max(k-th largest p, top-p cut, min-p)
+ * (the top-k and top-p cuts found by bisection over the bit patterns of positive floats, exact,
+ * 31 rounds), and the token is the first, in index order, whose cumulative kept mass exceeds
+ * u · (kept mass), with u = uniform(seed, position of the sampled token) from the PCG hash.
+ * Logit bias and penalties are applied to the logits before it (kernels/penalties.ts): min-p
+ * comes from the row's slot config (slot: the Step row's w), and the sampled token is counted in
+ * the slot's history.
  *
  * On CPU adapters (lavapipe) the workgroup is one 8-lane SIMD group (the reductions' barriers and
  * workgroup-memory loads are what costs there) and, when vocab·4 fits a uniform binding, the
@@ -15,6 +18,7 @@
  */
 import { STEP_WGSL } from "./common.ts";
 import type { Gpu } from "./gpu.ts";
+import { samplerCfgWgsl } from "./penalties.ts";
 
 export interface SampleOptions {
   /** Threads, a power of two (default 256). */
@@ -55,6 +59,8 @@ fn lg(i: u32) -> f32 { return logits[lbase + i]; }`;
 @group(0) @binding(0) var<uniform> step: Step;
 ${logitsDecl}
 @group(0) @binding(2) var<storage, read_write> tokens: array<u32>;
+${samplerCfgWgsl(3)}
+@group(0) @binding(4) var<storage, read_write> hist: array<u32>;
 var<workgroup> rv: array<f32, ${WG}>;
 var<workgroup> ri: array<u32, ${WG}>;
 
@@ -116,8 +122,12 @@ ${
   let last = step.rows[r];
   let next = last.x + 1u; // the sampled token's position
   let out = last.z + next;
+  let hbase = last.w * ${vocab}u;
   if (temperature <= 0.0) {
-    if (lid == 0u) { tokens[out] = arg; }
+    if (lid == 0u) {
+      tokens[out] = arg;
+      hist[hbase + arg] += 1u;
+    }
     return;
   }
   let invt = 1.0 / temperature;
@@ -157,6 +167,7 @@ ${
     }
     thr = max(thr, bitcast<f32>(lo));
   }
+  thr = max(thr, cfg_f(last.w, 5u)); // min-p: the largest p is 1
   // kept mass per contiguous chunk, then thread 0 walks to the sampled token
   let c0 = lid * ${chunk}u;
   let c1 = min(c0 + ${chunk}u, ${vocab}u);
@@ -187,6 +198,7 @@ ${
       if (!done) { continue; }
     }
     tokens[out] = pick;
+    hist[hbase + pick] += 1u;
   }
 }`;
 }
@@ -201,4 +213,7 @@ export function samplePipeline(
   }`;
   return gpu.pipeline(key, () => sampleWgsl(vocab, opts));
 }
-/** Bindings: step, logits, tokens. Grid: one workgroup, or [ntok] per row. */
+/**
+ * Bindings: step, logits, tokens, scfg, hist (kernels/penalties.ts). Grid: one workgroup, or
+ * [ntok] per row.
+ */

@@ -4,6 +4,7 @@ import { tensorNames } from "../runtime/checkpoint/config.ts";
 import { parseHfConfig } from "../runtime/checkpoint/hf_checkpoint.ts";
 import { hfRowToLlama2cRow } from "../runtime/checkpoint/llama2c_checkpoint.ts";
 import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
+import { ReferenceModel } from "../runtime/reference/reference.ts";
 import {
   hfConfigJson,
   roundToDtype,
@@ -108,7 +109,8 @@ Deno.test("llama2.c: untied classifier, layout, and truncation errors", () =>
     await Deno.writeFile(`${dir}/bad.bin`, llama2cBytes([16, 24, 2, 3, 1, 32, 4], 10));
     await assert.rejects(() => openCheckpoint(`${dir}/bad.bin`), {
       name: "ModelFormatError",
-      message: /n_heads 3/,
+      message:
+        /bad\.bin: head size \(header dim 16 \/ n_heads 3\) is 5\.33+; it must be a positive integer/,
     });
   }));
 
@@ -213,8 +215,9 @@ Deno.test("HF config errors: architecture, rope_scaling, fields", () => {
     message: /"hidden_size" must be a positive integer/,
   });
   assert.throws(() => parseHfConfig({ ...base, num_key_value_heads: 3 }, "m/config.json"), {
-    name: "ShapeError",
-    message: /num_attention_heads 4 is not a multiple of num_key_value_heads 3/,
+    name: "ModelFormatError",
+    message:
+      /m\/config\.json: "num_attention_heads" 4 is not a multiple of "num_key_value_heads" 3/,
   });
 });
 
@@ -297,6 +300,145 @@ Deno.test("HF checkpoint: sharded Qwen2 with biases and llama3 scaling opens", (
         Array.from(bq),
         Array.from(roundToDtype(syntheticTensor(tensorNames.bq(0), [64], 5), "BF16")),
       );
+    } finally {
+      ck.close();
+    }
+  }));
+
+Deno.test("HF config values no model can have, or beyond lowbit's limits, are named", () => {
+  const base = hfConfigJson(syntheticConfig()); // vocab 256
+  const cases: [Record<string, unknown>, string, RegExp][] = [
+    [
+      { num_hidden_layers: 1e7 },
+      "UnsupportedModelError",
+      /"num_hidden_layers" is 10000000, above lowbit's limit of 1024/,
+    ],
+    [
+      { hidden_size: 2 ** 20, head_dim: 16 },
+      "UnsupportedModelError",
+      /"hidden_size" is 1048576, above/,
+    ],
+    [{ vocab_size: 1e9 }, "UnsupportedModelError", /"vocab_size" is 1000000000, above/],
+    [{ head_dim: 15 }, "ModelFormatError", /"head_dim" is 15; it must be even/],
+    [
+      { head_dim: undefined, num_attention_heads: 3, num_key_value_heads: 3 },
+      "ModelFormatError",
+      /the head dimension \(hidden_size 64 \/ num_attention_heads 3\) is 21\.33\d*; it must be a positive integer/,
+    ],
+    [
+      { bos_token_id: -1 },
+      "ModelFormatError",
+      /"bos_token_id" is -1; it must be a token id in \[0, 256\)/,
+    ],
+    [{ bos_token_id: 256 }, "ModelFormatError", /"bos_token_id" is 256; it must be a token id/],
+    [{ bos_token_id: 1.5 }, "ModelFormatError", /"bos_token_id" is 1\.5/],
+    [
+      { eos_token_id: [2, 300] },
+      "ModelFormatError",
+      /"eos_token_id" is \[2,300\]; it must be token ids in \[0, 256\)/,
+    ],
+    [{ eos_token_id: -2 }, "ModelFormatError", /"eos_token_id" is \[-2\]/],
+    [{ rms_norm_eps: 0 }, "ModelFormatError", /"rms_norm_eps" is 0; it must be a positive number/],
+    [{ rms_norm_eps: -1e-5 }, "ModelFormatError", /"rms_norm_eps" is -0\.00001/],
+    [
+      { rope_theta: -10000 },
+      "ModelFormatError",
+      /"rope_theta" is -10000; it must be a positive number/,
+    ],
+    [
+      {
+        rope_scaling: {
+          rope_type: "llama3",
+          factor: 8,
+          low_freq_factor: 4,
+          high_freq_factor: 1,
+          original_max_position_embeddings: 64,
+        },
+      },
+      "ModelFormatError",
+      /"rope_scaling" is .*; it must be positive factors with highFreqFactor above lowFreqFactor/,
+    ],
+  ];
+  for (const [change, name, message] of cases) {
+    assert.throws(() => parseHfConfig({ ...base, ...change }, "m/config.json"), (e: Error) => {
+      assert.equal(e.name, name, `${JSON.stringify(change)}: ${e.message}`);
+      assert.match(e.message, message);
+      assert.ok(e.message.startsWith("m/config.json: "), e.message);
+      return true;
+    });
+  }
+});
+
+Deno.test("HF checkpoint: absurd num_hidden_layers or a NaN weight: one clear error", () =>
+  withTempDir(async (dir) => {
+    const config = await writeSyntheticHfCheckpoint(dir, {}, { dtype: "F16", shards: 1, seed: 3 });
+    const cfgPath = `${dir}/config.json`, json = hfConfigJson(config);
+    await Deno.writeTextFile(cfgPath, JSON.stringify({ ...json, num_hidden_layers: 1e7 }));
+    await assert.rejects(() => openCheckpoint(dir), {
+      name: "UnsupportedModelError",
+      message: /config\.json: "num_hidden_layers" is 10000000, above lowbit's limit of 1024/,
+    });
+    // Within the limit but beyond the file: the first missing layer, not 1000 layers built.
+    await Deno.writeTextFile(cfgPath, JSON.stringify({ ...json, num_hidden_layers: 1000 }));
+    await assert.rejects(
+      () => openCheckpoint(dir),
+      /tensor model\.layers\.2\.input_layernorm\.weight is missing/,
+    );
+    await Deno.writeTextFile(cfgPath, JSON.stringify(json));
+    // A NaN in layer 1's down_proj: the checkpoint opens (the header is fine), reading fails.
+    const st = `${dir}/model.safetensors`, bytes = await Deno.readFile(st);
+    const headerLen = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+    const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLen)));
+    const name = tensorNames.w2(1), [begin] = header[name].data_offsets;
+    const cols = config.hiddenDim;
+    new DataView(bytes.buffer).setUint16(8 + headerLen + begin + 2 * (3 * cols + 5), 0x7e00, true);
+    await Deno.writeFile(st, bytes);
+    const ck = await openCheckpoint(dir);
+    try {
+      await assert.rejects(() => ck.read(name), {
+        name: "ModelFormatError",
+        message: new RegExp(
+          `model\\.safetensors: tensor ${
+            name.replaceAll(".", "\\.")
+          } holds NaN at \\[3, 5\\] \\(F16\\)`,
+        ),
+      });
+      await assert.rejects(() => ReferenceModel.load(ck), /down_proj\.weight holds NaN/);
+    } finally {
+      ck.close();
+    }
+  }));
+
+Deno.test("llama2.c: an absurd header fails early; NaN names the canonical element", () =>
+  withTempDir(async (dir) => {
+    await Deno.writeFile(`${dir}/huge.bin`, llama2cBytes([16, 24, 1e7, 2, 1, 32, 4], 100));
+    await assert.rejects(() => openCheckpoint(`${dir}/huge.bin`), {
+      name: "UnsupportedModelError",
+      message: /huge\.bin: header n_layers is 10000000, above lowbit's limit of 1024/,
+    });
+    await Deno.writeFile(`${dir}/neg.bin`, llama2cBytes([16, 24, 2, 2, -1, 32, 4], 100));
+    await assert.rejects(() => openCheckpoint(`${dir}/neg.bin`), {
+      name: "ModelFormatError",
+      message: /neg\.bin: header n_kv_heads is -1; it must be a positive integer/,
+    });
+    // dim 16, 2 heads of 8, tied: wq of layer 0 starts after the embedding and 2 rms_att rows.
+    const header = [16, 24, 2, 2, 1, 32, 4];
+    const per = 16 + 256 + 128 + 128 + 256 + 16 + 3 * 24 * 16;
+    const total = 32 * 16 + 2 * per + 16 + 2 * (4 * 8 / 2);
+    const bytes = llama2cBytes(header, total);
+    // llama2.c row 2 of head 0 (pair 1, first half) is rotate-half row 1.
+    const at = 28 + 4 * (32 * 16 + 2 * 16 + 2 * 16 + 7);
+    new DataView(bytes.buffer).setFloat32(at, Infinity, true);
+    await Deno.writeFile(`${dir}/inf.bin`, bytes);
+    const ck = await openCheckpoint(`${dir}/inf.bin`);
+    try {
+      await assert.rejects(() => ck.read(tensorNames.wq(0)), {
+        name: "ModelFormatError",
+        message:
+          /inf\.bin: tensor model\.layers\.0\.self_attn\.q_proj\.weight holds \+Inf at \[1, 7\] \(F32\)/,
+      });
+      await assert.rejects(() => ck.read(tensorNames.wq(0), 1, 2), /holds \+Inf at \[1, 7\]/);
+      assert.equal((await ck.read(tensorNames.wq(0), 2, 4)).length, 32); // other rows read
     } finally {
       ck.close();
     }

@@ -1,9 +1,10 @@
 /**
  * Continuous batching in the Engine on the real stories260K model: concurrent jobs share decode
- * steps and each gives what it gives alone; aborted and abandoned jobs leave their slot.
+ * steps and each gives what it gives alone; aborted and abandoned jobs leave their slot; bursts
+ * fill the queue and the slots; drain and abortAll (shutdown).
  */
 import assert from "node:assert/strict";
-import { Engine, type Job, QueueFullError } from "../runtime/model/engine.ts";
+import { Engine, EngineDrainingError, type Job, QueueFullError } from "../runtime/model/engine.ts";
 import { generate } from "../runtime/model/generate.ts";
 import { loadModel } from "../runtime/model/load.ts";
 import { GREEDY } from "../runtime/model/model.ts";
@@ -136,5 +137,74 @@ Deno.test({
     assert.equal(rest.length, 99);
     assert.ok(steps.length < 100 + 100, `${steps.length} steps`);
     assert.equal(engine.running, 0);
+  },
+});
+
+Deno.test({
+  name: "a burst of maxQueue + slots jobs is admitted whole; one more gets QueueFullError",
+  ignore: !have,
+  fn: async () => {
+    const { model, tokenizer } = loaded!;
+    const prompt = tokenizer.encode("Tom and Sue", { bos: true });
+    const job: Job = { prompt, maxTokens: 20, sampling: GREEDY, stopIds: [] };
+    const engine = new Engine(model, tokenizer, "t", { slots: 2, maxQueue: 3 });
+    // all submitted in one turn: the scheduler moves none of them into a slot before the last
+    const its = Array.from({ length: 6 }, () => engine.submit(job));
+    const firsts = its.map((it) => it.next());
+    await assert.rejects(firsts[5], QueueFullError);
+    const done = await Promise.all(
+      its.slice(0, 5).map(async (it, i) => [(await firsts[i]).value, ...await collect(it)]),
+    );
+    for (const ids of done) assert.equal(ids.length, 20);
+    assert.deepEqual(new Set(done.map((d) => d.join())).size, 1);
+  },
+});
+
+Deno.test({
+  name: "drain refuses new jobs and resolves once the queued and running ones have finished",
+  ignore: !have,
+  fn: async () => {
+    const { model, tokenizer } = loaded!;
+    const prompt = tokenizer.encode("Lily saw a", { bos: true });
+    const job = (maxTokens: number): Job => ({ prompt, maxTokens, sampling: GREEDY, stopIds: [] });
+    const engine = new Engine(model, tokenizer, "t", { slots: 1 });
+    await engine.drain().then(() => assert.ok(engine.draining)); // idle: at once
+    const fresh = new Engine(model, tokenizer, "t", { slots: 1 });
+    const results = [30, 40, 50].map((n) => collect(fresh.submit(job(n))));
+    let drained = false;
+    const idle = fresh.drain().then(() => (drained = true));
+    assert.ok(fresh.draining);
+    await assert.rejects(fresh.submit(job(5)).next(), EngineDrainingError);
+    const first = await results[0];
+    assert.equal(first.length, 30);
+    assert.ok(!drained, "drain resolved with jobs still queued");
+    await idle;
+    assert.deepEqual((await Promise.all(results)).map((r) => r.length), [30, 40, 50]);
+    assert.equal(fresh.running + fresh.queueDepth, 0);
+  },
+});
+
+Deno.test({
+  name: "abortAll ends running and queued jobs with finish reason abort",
+  ignore: !have,
+  fn: async () => {
+    const { model, tokenizer } = loaded!;
+    const prompt = tokenizer.encode("The little dog", { bos: true });
+    const job: Job = { prompt, maxTokens: 400, sampling: GREEDY, stopIds: [] };
+    const engine = new Engine(model, tokenizer, "t", { slots: 1 });
+    const a = engine.submit(job), b = engine.submit(job);
+    const got: number[] = [];
+    for (let i = 0; i < 5; i++) got.push((await a.next()).value as number);
+    const bFirst = b.next(); // queued behind a
+    assert.equal(engine.abortAll(), 2);
+    let r = await a.next();
+    while (!r.done) r = await a.next();
+    assert.equal(r.value.finishReason, "abort");
+    assert.ok(r.value.generatedTokens < 400, `${r.value.generatedTokens} tokens`);
+    const rb = await bFirst;
+    assert.equal(rb.done, true);
+    assert.deepEqual(rb.value, { ...rb.value, finishReason: "abort", generatedTokens: 0 });
+    await engine.drain();
+    assert.equal(engine.running + engine.queueDepth, 0);
   },
 });

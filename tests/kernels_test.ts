@@ -5,7 +5,8 @@
  * unit as on CPUs, a split K as on GPUs: CI only has lavapipe, so both are checked here). The
  * CPU-adapter variants too: dense weights in textures (matvec with x and g from uniform or storage
  * buffers, matmul), the KV cache in textures (qkv epilogue, attention), the embedding table in a
- * texture, and the one-SIMD-group sampler with uniform or storage logits.
+ * texture, and the one-SIMD-group sampler with uniform or storage logits, with logit bias,
+ * penalties, min-p and the per-slot sampler history.
  */
 import assert from "node:assert/strict";
 import type { DenseFormat, StepRow, WeightSource } from "../kernels/common.ts";
@@ -27,7 +28,21 @@ import { rmsnormGrid, rmsnormPipeline } from "../kernels/rmsnorm.ts";
 import { embedGrid, embedPipeline, type EmbedVariant } from "../kernels/embed.ts";
 import { attentionGrid, attentionPipeline, type AttentionVariant } from "../kernels/attention.ts";
 import { type SampleOptions, samplePipeline } from "../kernels/sample.ts";
-import { sample, type SamplingParams, uniform } from "../runtime/model/sampling.ts";
+import {
+  adjustPipeline,
+  historyPipeline,
+  packSamplerConfig,
+  SAMPLER_CFG_WORDS,
+  type SlotSampling,
+} from "../kernels/penalties.ts";
+import {
+  adjustLogits,
+  type Logits,
+  sample,
+  type SamplingHistory,
+  type SamplingParams,
+  uniform,
+} from "../runtime/model/sampling.ts";
 import { rng, testGpu } from "./helpers.ts";
 import { Harness, type Job } from "./kernel_harness.ts";
 
@@ -843,6 +858,25 @@ Deno.test("attention: several sequences in one step (Step rows), KV in buffers a
   }
 });
 
+/** The sampler's bindings: step, logits, tokens and the per-slot config and history. */
+const SAMPLER_NAMES = ["step", "logits", "tokens", "scfg", "hist"];
+
+/** A slot config with nothing on. */
+const OFF: SlotSampling = {
+  logitBias: [],
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  repetitionPenalty: 1,
+  minP: 0,
+};
+
+/** The per-slot sampler config (one slot per entry of `cfgs`) and a zeroed history. */
+function samplerState(h: Harness, vocab: number, cfgs: Partial<SlotSampling>[] = [{}]) {
+  const words = new Uint32Array(cfgs.length * SAMPLER_CFG_WORDS);
+  cfgs.forEach((c, i) => words.set(packSamplerConfig({ ...OFF, ...c }), i * SAMPLER_CFG_WORDS));
+  return { scfg: h.buffer(words), hist: h.buffer(new Uint32Array(cfgs.length * vocab)) };
+}
+
 Deno.test("embed and sample: token base and position from the Step rows", async () => {
   const h = new Harness(gpu);
   const vocab = 40, dim = 12, base = 30;
@@ -874,8 +908,8 @@ Deno.test("embed and sample: token base and position from the Step rows", async 
     const last = h.step({ pos: 0, ntok: 2, rows: [rows[1], rows[0]] });
     h.run({
       pipeline: samplePipeline(gpu, vocab, opts),
-      names: ["step", "logits", "tokens"],
-      bufs: { step: last, logits: h.buffer(logits), tokens: out },
+      names: SAMPLER_NAMES,
+      bufs: { step: last, logits: h.buffer(logits), tokens: out, ...samplerState(h, vocab) },
       grid: [1],
     });
     const t = await h.readU32(out, 2 * base);
@@ -908,6 +942,7 @@ for (const opts of SAMPLERS) {
       const jobs: Job[] = [];
       const want: number[] = [];
       const tokens = h.buffer(new Uint32Array(64).fill(0xffffffff));
+      const state = samplerState(h, vocab);
       const logitBufs = ties.map(([a, b], j) => {
         const l = randArray(r, vocab, 3, -5);
         l[a] = l[b] = 1.5;
@@ -923,8 +958,13 @@ for (const opts of SAMPLERS) {
         const ntok = 1 + (j % 2);
         jobs.push({
           pipeline: samplePipeline(gpu, vocab, opts),
-          names: ["step", "logits", "tokens"],
-          bufs: { step: h.step({ pos: out - ntok, ntok, seed: j, topK: 3 }), logits: buf, tokens },
+          names: SAMPLER_NAMES,
+          bufs: {
+            step: h.step({ pos: out - ntok, ntok, seed: j, topK: 3 }),
+            logits: buf,
+            tokens,
+            ...state,
+          },
           grid: [1],
         });
       });
@@ -1031,6 +1071,7 @@ for (const opts of SAMPLERS) {
         for (const { topK, topP } of combos) {
           const params = { temperature: T, topK, topP };
           const tokens = h.buffer(new Uint32Array(4 * SEEDS + 8).fill(0xffffffff));
+          const state = samplerState(h, vocab);
           const jobs: Job[] = [], outs: number[] = [], want: number[] = [];
           for (let j = 0; j < SEEDS; j++) {
             const seed = (0x9e3779b9 * (j + 1) + vocab) >>> 0;
@@ -1041,11 +1082,12 @@ for (const opts of SAMPLERS) {
             want.push(sample(logits, params, u));
             jobs.push({
               pipeline: samplePipeline(gpu, vocab, opts),
-              names: ["step", "logits", "tokens"],
+              names: SAMPLER_NAMES,
               bufs: {
                 step: h.step({ pos, ntok, seed, topK, temperature: T, topP }),
                 logits: logitsBuf,
                 tokens,
+                ...state,
               },
               grid: [1],
             });
@@ -1094,12 +1136,13 @@ for (const wg of [256, 8]) {
     const tokens = h.buffer(new Uint32Array(R * (ctx + 1)).fill(0xffffffff));
     h.run({
       pipeline: samplePipeline(gpu, vocab, { wg, perRow: true }),
-      names: ["step", "logits", "tokens"],
+      names: SAMPLER_NAMES,
       // the step-wide parameters are not the rows'
       bufs: {
         step: h.step({ ntok: R, rows, seed: 1, temperature: 0.3 }),
         logits: h.buffer(all),
         tokens,
+        ...samplerState(h, vocab),
       },
       grid: [R],
     });
@@ -1109,6 +1152,282 @@ for (const wg of [256, 8]) {
       if (!outs.includes(i)) assert.equal(got[i], 0xffffffff, `tokens[${i}]`);
     }
     assert.ok(new Set(want).size >= 4);
+    h.release();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// logit bias, penalties, min-p and the sampler history
+// ---------------------------------------------------------------------------------------------
+
+/** The slot config of host sampling parameters. */
+function slotConfig(p: SamplingParams): SlotSampling {
+  return {
+    logitBias: [...(p.logitBias ?? [])],
+    presencePenalty: p.presencePenalty ?? 0,
+    frequencyPenalty: p.frequencyPenalty ?? 0,
+    repetitionPenalty: p.repetitionPenalty ?? 1,
+    minP: p.minP ?? 0,
+  };
+}
+
+/**
+ * How far a sampling decision is from flipping, relative (the smallest of: the gap between the
+ * two largest adjusted logits when greedy; else the distance of every p to the min-p and top-k
+ * thresholds, of the top-p prefix masses to the cut, and of the walk's cumulative sums to u·kept).
+ * f32 rounding on the GPU moves each by about 1e-6.
+ */
+function margin(l: Logits, params: SamplingParams, u: number): number {
+  const sorted = Array.from(l).sort((a, b) => b - a);
+  if (params.temperature === 0) return (sorted[0] - sorted[1]) / Math.max(1, Math.abs(sorted[0]));
+  const p = Float64Array.from(l, (x) => Math.exp((x - sorted[0]) / params.temperature));
+  const ps = p.slice().sort().reverse();
+  const total = ps.reduce((a, b) => a + b, 0);
+  let m = Infinity, t = params.minP ?? 0;
+  if (t > 0) { for (const x of p) m = Math.min(m, Math.abs(x - t) / t); }
+  const k = params.topK;
+  if (k > 0 && k < p.length) {
+    m = Math.min(m, (ps[k - 1] - ps[k]) / ps[k - 1]);
+    t = Math.max(t, ps[k - 1]);
+  }
+  if (params.topP < 1) {
+    let acc = 0;
+    for (let j = 0; j < ps.length; j++) {
+      acc += ps[j];
+      m = Math.min(m, Math.abs(acc - params.topP * total) / total);
+      if (acc >= params.topP * total) {
+        t = Math.max(t, ps[j]);
+        break;
+      }
+    }
+  }
+  let kept = 0;
+  for (const x of p) if (x >= t) kept += x;
+  let cum = 0;
+  for (const x of p) {
+    if (x < t) continue;
+    cum += x;
+    m = Math.min(m, Math.abs(cum - u * kept) / kept);
+  }
+  return m;
+}
+
+/**
+ * A sequence of `steps` sampled tokens after `prompt`, planned on the host: every step samples
+ * from the same `logits` (so that without penalties the same tokens would come again), each with
+ * a seed (from `seed0` on) whose decision is at least 1e-4 from flipping. Returns the seeds, the
+ * tokens sample() picks, or null when some step finds no such seed.
+ */
+function planSequence(
+  logits: Float32Array,
+  params: SamplingParams,
+  prompt: number[],
+  pos0: number,
+  steps: number,
+  seed0: number,
+): { seeds: number[]; want: number[] } | null {
+  const history: SamplingHistory & { generated: number[] } = { prompt, generated: [] };
+  const seeds: number[] = [];
+  for (let k = 0; k < steps; k++) {
+    const l = adjustLogits(logits, params, history);
+    const next = pos0 + k + 1;
+    const seed = [...Array(64).keys()].map((j) => (seed0 + 97 * k + j) >>> 0)
+      .find((x) => margin(l, params, uniform(x, next)) > 1e-4);
+    if (seed === undefined) return null;
+    seeds.push(seed);
+    history.generated.push(sample(logits, params, uniform(seed, next), history));
+  }
+  return { seeds, want: history.generated };
+}
+
+/** The history words a slot should hold: bit 31 for prompt tokens, the times generated. */
+function expectedHistory(vocab: number, prompt: number[], generated: number[]): Uint32Array {
+  const w = new Uint32Array(vocab);
+  for (const t of prompt) w[t] = 0x80000000;
+  for (const t of generated) w[t]++;
+  return w;
+}
+
+/** Parameter sets on odd vocab sizes: greedy, sampled, every filter and penalty, bias. */
+function penaltyCases(vocab: number): SamplingParams[] {
+  return [
+    {
+      temperature: 0,
+      topK: 0,
+      topP: 1,
+      repetitionPenalty: 1.3,
+      presencePenalty: 0.5,
+      frequencyPenalty: 0.3,
+      logitBias: new Map([[3, -100], [vocab - 1, 2.5], [17, 0.25]]),
+    },
+    {
+      temperature: 0.8,
+      topK: 0,
+      topP: 1,
+      minP: 0.05,
+      frequencyPenalty: 0.4,
+      repetitionPenalty: 0.8,
+      logitBias: new Map([[0, 1.5], [5, -100], [vocab - 2, 3]]),
+    },
+    { temperature: 1.2, topK: 20, topP: 0.9, minP: 0.1, presencePenalty: -0.7 },
+    { temperature: 0.7, topK: 0, topP: 1, minP: 0.2 }, // min-p alone: no adjust pass
+  ];
+}
+
+/** A prompt with repeats, the largest logits' tokens and the last id of the vocabulary. */
+function penaltyPrompt(logits: Float32Array): number[] {
+  const order = [...logits.keys()].sort((a, b) => logits[b] - logits[a]);
+  return [order[0], order[2], order[0], logits.length - 1, order[5], 7];
+}
+
+for (const opts of SAMPLERS) {
+  const tag = opts.wg ? ` (wg ${opts.wg}${opts.logitsUniform ? ", uniform logits" : ""})` : "";
+  Deno.test(`sample${tag}: bias, penalties and min-p over a sequence match the CPU sampler`, async () => {
+    for (const vocab of [509, 1001]) {
+      for (const [c, params] of penaltyCases(vocab).entries()) {
+        const h = new Harness(gpu);
+        const r = rng(1200 + vocab + c);
+        const STEPS = 14, ctx = 40, slot = 1, base = slot * (ctx + 1);
+        let logits = separatedLogits(r, vocab), plan = null, prompt: number[] = [];
+        for (let tries = 0; !plan; tries++) {
+          assert.ok(tries < 8, "no sequence far enough from the boundaries");
+          logits = separatedLogits(r, vocab);
+          prompt = penaltyPrompt(logits);
+          plan = planSequence(logits, params, prompt, prompt.length - 1, STEPS, 77 * c + vocab);
+        }
+        const tokens = new Uint32Array(2 * (ctx + 1)).fill(0xffffffff);
+        tokens.set(prompt, base);
+        const tokensBuf = h.buffer(tokens);
+        const state = samplerState(h, vocab, [{ minP: 0.5 }, slotConfig(params)]);
+        // garbage in both slots' histories: the history kernel resets slot 1's only
+        h.device.queue.writeBuffer(state.hist, 0, new Uint32Array(2 * vocab).fill(5));
+        const rowAt = (pos: number) => ({ pos, kvBase: 0, tokenBase: base, slot });
+        const filler = { pos: 3, kvBase: 0, tokenBase: 0, slot: 0 };
+        const jobs: Job[] = [{
+          pipeline: historyPipeline(gpu, vocab, opts.wg ?? 256),
+          names: ["step", "tokens", "hist"],
+          bufs: {
+            step: h.step({ ntok: 2, rows: [filler, rowAt(prompt.length - 1)] }),
+            ...state,
+            tokens: tokensBuf,
+          },
+          grid: [1],
+        }];
+        plan.seeds.forEach((seed, k) => {
+          const pos = prompt.length - 1 + k, ntok = 1 + (k % 2);
+          const rows = ntok === 1 ? [rowAt(pos)] : [filler, rowAt(pos)];
+          const step = h.step({ pos, ntok, rows, seed, ...params });
+          const lb = logitsBinding(h, logits, opts);
+          const storage = "buffer" in lb ? lb.buffer : lb as GPUBuffer;
+          jobs.push({
+            pipeline: adjustPipeline(gpu, vocab, { wg: opts.wg }),
+            names: ["step", "logits", "scfg", "hist"],
+            bufs: { step, logits: storage, ...state },
+            grid: [1],
+          }, {
+            pipeline: samplePipeline(gpu, vocab, opts),
+            names: SAMPLER_NAMES,
+            bufs: { step, logits: lb, tokens: tokensBuf, ...state },
+            grid: [1],
+          });
+        });
+        h.run(...jobs);
+        const got = await h.readU32(tokensBuf, 2 * (ctx + 1));
+        const what = `vocab ${vocab} case ${c}`;
+        assert.deepEqual(
+          [...got.subarray(base + prompt.length, base + prompt.length + STEPS)],
+          plan.want,
+          what,
+        );
+        const hist = await h.readU32(state.hist, 2 * vocab);
+        assert.deepEqual([...hist.subarray(0, vocab)], Array(vocab).fill(5), `${what}: slot 0`);
+        assert.deepEqual(
+          [...hist.subarray(vocab)],
+          [...expectedHistory(vocab, prompt, plan.want)],
+          `${what}: slot 1 history`,
+        );
+        // the penalties and bias matter: without them the sequence differs
+        const plain = { temperature: params.temperature, topK: params.topK, topP: params.topP };
+        const free = planSequence(logits, plain, prompt, prompt.length - 1, STEPS, 0);
+        if (free) assert.notDeepEqual(free.want, plan.want, `${what}: parameters had no effect`);
+        h.release();
+      }
+    }
+  });
+}
+
+for (const wg of [256, 8]) {
+  Deno.test(`sample (per row, wg ${wg}): bias, penalties and min-p per slot match the CPU sampler`, async () => {
+    const h = new Harness(gpu);
+    const vocab = 701, ctx = 30, STEPS = 10;
+    const cases = penaltyCases(vocab);
+    const slots = [2, 0, 3, 1]; // row t runs in slot slots[t] with cases[t]
+    const r = rng(1300 + wg);
+    const seqs = cases.map((params, t) => {
+      for (let tries = 0; tries < 8; tries++) {
+        const logits = separatedLogits(r, vocab);
+        const prompt = penaltyPrompt(logits).slice(0, 3 + t);
+        const plan = planSequence(logits, params, prompt, prompt.length - 1, STEPS, 31 * t);
+        if (plan) return { logits, prompt, plan, params, slot: slots[t] };
+      }
+      throw new Error("no sequence far enough from the boundaries");
+    });
+    const cfgs: Partial<SlotSampling>[] = [];
+    for (const q of seqs) cfgs[q.slot] = slotConfig(q.params);
+    const state = samplerState(h, vocab, cfgs);
+    const tokens = new Uint32Array(cases.length * (ctx + 1)).fill(0xffffffff);
+    for (const q of seqs) tokens.set(q.prompt, q.slot * (ctx + 1));
+    const tokensBuf = h.buffer(tokens);
+    const jobs: Job[] = [];
+    // each slot's history from its prompt (one history dispatch per slot, as each prefill does)
+    for (const q of seqs) {
+      const row = {
+        pos: q.prompt.length - 1,
+        kvBase: 0,
+        tokenBase: q.slot * (ctx + 1),
+        slot: q.slot,
+      };
+      jobs.push({
+        pipeline: historyPipeline(gpu, vocab, wg),
+        names: ["step", "tokens", "hist"],
+        bufs: { step: h.step({ rows: [row] }), tokens: tokensBuf, ...state },
+        grid: [1],
+      });
+    }
+    for (let k = 0; k < STEPS; k++) {
+      const all = new Float32Array(seqs.length * vocab);
+      const rows: StepRow[] = seqs.map((q, t) => {
+        all.set(q.logits, t * vocab);
+        const pos = q.prompt.length - 1 + k;
+        const sampling = { ...q.params, seed: q.plan.seeds[k] };
+        return { pos, kvBase: 0, tokenBase: q.slot * (ctx + 1), slot: q.slot, sampling };
+      });
+      const step = h.step({ ntok: rows.length, rows, seed: 1, temperature: 0.3 });
+      const logits = h.buffer(all);
+      jobs.push({
+        pipeline: adjustPipeline(gpu, vocab, { wg, perRow: true }),
+        names: ["step", "logits", "scfg", "hist"],
+        bufs: { step, logits, ...state },
+        grid: [rows.length],
+      }, {
+        pipeline: samplePipeline(gpu, vocab, { wg, perRow: true }),
+        names: SAMPLER_NAMES,
+        bufs: { step, logits, tokens: tokensBuf, ...state },
+        grid: [rows.length],
+      });
+    }
+    h.run(...jobs);
+    const got = await h.readU32(tokensBuf, tokens.length);
+    const hist = await h.readU32(state.hist, cases.length * vocab);
+    for (const [t, q] of seqs.entries()) {
+      const at = q.slot * (ctx + 1) + q.prompt.length;
+      assert.deepEqual([...got.subarray(at, at + STEPS)], q.plan.want, `row ${t}`);
+      assert.deepEqual(
+        [...hist.subarray(q.slot * vocab, (q.slot + 1) * vocab)],
+        [...expectedHistory(vocab, q.prompt, q.plan.want)],
+        `row ${t}: history`,
+      );
+    }
     h.release();
   });
 }

@@ -23,6 +23,7 @@ import { type Bits, dequantize } from "../runtime/format/qtensor.ts";
 import { roundToDtype, syntheticConfig, syntheticTensor } from "./synthetic.ts";
 import { haveShared, sharedPath, testGpu, withTempDir } from "./helpers.ts";
 import { loadModel } from "../runtime/model/load.ts";
+import { GpuModel } from "../runtime/model/model.ts";
 
 const tokPath = sharedPath("models/stories260K/tok512.bin");
 const haveTok = await Deno.stat(tokPath).then(() => true, () => false);
@@ -65,9 +66,16 @@ interface Expected {
   packed?: PackedTensor;
 }
 
+/** Every linear layer 4-bit, group 32 (as the GPU model needs: one format per fused group). */
+function uniformSpec(name: string, shape: number[]): LowbitTensorSpec {
+  if (name === T.embed) return { name, shape, dtype: "F16" };
+  if (shape.length === 1) return { name, shape, dtype: "F32" };
+  return { name, shape, dtype: "Q", quant: { bits: 4, groupSize: 32 } };
+}
+
 /** Writes the synthetic model (tensors in reverse order) and returns what reading must give. */
-async function writeModel(path: string): Promise<Map<string, Expected>> {
-  const tensors = [...expectedShapes(config)].map(([n, s]) => specFor(n, s));
+async function writeModel(path: string, spec = specFor): Promise<Map<string, Expected>> {
+  const tensors = [...expectedShapes(config)].map(([n, s]) => spec(n, s));
   const w = await createLowbitWriter(path, {
     config,
     tokenizer: tokenizerData,
@@ -205,20 +213,28 @@ Deno.test("writer: wrong data, unknown tensor, missing tensors at close", async 
   });
 });
 
-/** The file with its header replaced by `mutate(header)`; data shifted to stay 64-aligned. */
-function rewriteHeader(file: Uint8Array, mutate: (h: Record<string, unknown>) => void): Uint8Array {
+const packr = new Packr({ useRecords: false, variableMapSize: true });
+
+/**
+ * The file with its header replaced by `encode(mutate(header))`; data shifted to stay
+ * 64-aligned.
+ */
+function rewriteHeader(
+  file: Uint8Array,
+  mutate: (h: Record<string, unknown>) => void,
+  encode: (h: Record<string, unknown>) => Uint8Array = (h) => packr.pack(h),
+): Uint8Array {
   const dv = new DataView(file.buffer, file.byteOffset);
   const len = dv.getUint32(12, true), oldStart = align(16 + len);
   const header = new Unpackr({ useRecords: false }).unpack(file.subarray(16, 16 + len));
   mutate(header);
-  const packr = new Packr({ useRecords: false, variableMapSize: true });
   for (let delta = 0;;) {
     const h = structuredClone(header);
     for (const t of h.tensors) {
       if (typeof t.offset === "number") t.offset += delta;
       if (typeof t.szOffset === "number") t.szOffset += delta;
     }
-    const body = packr.pack(h);
+    const body = encode(h);
     const start = align(16 + body.length);
     if (start > oldStart + delta) {
       delta = start - oldStart;
@@ -407,4 +423,327 @@ Deno.test({
       assert.deepEqual(await b.model.logitsAt(0, ids), await a.model.logitsAt(0, ids));
     });
   },
+});
+
+/** A msgpack map/array header (map16/array16) of `n` entries. */
+const containerHeader = (kind: "map" | "array", n: number) =>
+  Uint8Array.of(kind === "map" ? 0xde : 0xdc, n >> 8, n & 0xff);
+
+/** A 64-bit msgpack integer: uint64 (0xcf) or int64 (0xd3), whatever its size. */
+function int64(v: unknown, signed: boolean): Uint8Array {
+  const b = new Uint8Array(9);
+  b[0] = signed ? 0xd3 : 0xcf;
+  const dv = new DataView(b.buffer);
+  if (signed) dv.setBigInt64(1, BigInt(v as number));
+  else dv.setBigUint64(1, BigInt(v as number));
+  return b;
+}
+
+/** `h` as msgpack with every tensor's offsets as uint64 and byte lengths as int64. */
+function pack64(h: Record<string, unknown>): Uint8Array {
+  const parts: Uint8Array[] = [containerHeader("map", Object.keys(h).length)];
+  for (const [k, v] of Object.entries(h)) {
+    parts.push(packr.pack(k));
+    if (k !== "tensors") {
+      parts.push(packr.pack(v));
+      continue;
+    }
+    const tensors = v as Record<string, unknown>[];
+    parts.push(containerHeader("array", tensors.length));
+    for (const t of tensors) {
+      parts.push(containerHeader("map", Object.keys(t).length));
+      for (const [tk, tv] of Object.entries(t)) {
+        parts.push(packr.pack(tk));
+        if (tk === "offset" || tk === "szOffset") parts.push(int64(tv, false));
+        else if (tk === "bytes" || tk === "szBytes") parts.push(int64(tv, true));
+        else parts.push(packr.pack(tv));
+      }
+    }
+  }
+  const out = new Uint8Array(parts.reduce((a, p) => a + p.length, 0));
+  parts.reduce((at, p) => (out.set(p, at), at + p.length), 0);
+  return out;
+}
+
+Deno.test("64-bit MessagePack integers are read; beyond 2^53 they are named", async () => {
+  await withTempDir(async (dir) => {
+    const good = `${dir}/good.lowbit`;
+    const expected = await writeModel(good);
+    const bytes = await Deno.readFile(good);
+    const path = `${dir}/u64.lowbit`;
+    const file = rewriteHeader(bytes, () => {}, pack64);
+    // The header does hold 64-bit integers (0xcf = uint64).
+    const len = new DataView(file.buffer).getUint32(12, true);
+    assert.ok(file.subarray(16, 16 + len).includes(0xcf));
+    await Deno.writeFile(path, file);
+    const f = await openLowbit(path);
+    try {
+      assert.deepEqual(f.config, config);
+      for (const e of f.header.tensors) {
+        assert.equal(typeof e.offset, "number");
+        assert.equal(typeof e.bytes, "number");
+      }
+      for (const [name, want] of expected) assert.deepEqual(await f.read(name), want.values, name);
+    } finally {
+      f.close();
+    }
+    const far = `${dir}/far.lowbit`;
+    const index = (h: Record<string, unknown>) =>
+      (h.tensors as Record<string, unknown>[]).indexOf(entry(h, T.wq(0)));
+    let at = -1;
+    await Deno.writeFile(
+      far,
+      rewriteHeader(bytes, (h) => {
+        at = index(h);
+        entry(h, T.wq(0)).szOffset = 2n ** 53n + 64n;
+      }, pack64),
+    );
+    await assert.rejects(() => openLowbit(far), {
+      name: "ModelFormatError",
+      message: new RegExp(
+        `far\\.lowbit: header tensors\\[${at}\\]\\.szOffset is 9007199254741056, beyond the ` +
+          `integers a reader represents exactly`,
+      ),
+    });
+  });
+});
+
+Deno.test("headers the format cannot mean are rejected, naming the field and value", async () => {
+  await withTempDir(async (dir) => {
+    const good = `${dir}/good.lowbit`;
+    await writeModel(good);
+    const bytes = await Deno.readFile(good);
+    const cfg =
+      (change: Partial<Record<keyof ModelConfig, unknown>>) => (h: Record<string, unknown>) =>
+        Object.assign(h.config as Record<string, unknown>, change);
+    let deep: unknown = 1;
+    for (let i = 0; i < 40; i++) deep = [deep];
+    const cases: [string, (h: Record<string, unknown>) => void, string, RegExp][] = [
+      [
+        "architecture",
+        cfg({ architecture: "GPT2LMHeadModel" }),
+        "UnsupportedModelError",
+        /header config\.architecture "GPT2LMHeadModel" is not supported \(supported: LlamaForCausalLM, .*llama2\.c\)/,
+      ],
+      [
+        "huge nLayers",
+        cfg({ nLayers: 1e7 }),
+        "UnsupportedModelError",
+        /header config\.nLayers is 10000000, above lowbit's limit of 1024/,
+      ],
+      [
+        "huge dim",
+        cfg({ dim: 2 ** 40 }),
+        "UnsupportedModelError",
+        /header config\.dim is 1099511627776, above lowbit's limit of 65536/,
+      ],
+      [
+        "more layers than the table",
+        cfg({ nLayers: 5 }),
+        "ModelFormatError",
+        /header config\.nLayers is 5, but the tensor table has no tensor of layer 2 \(it has tensors of 2 layers\)/,
+      ],
+      [
+        "fewer layers than the table",
+        cfg({ nLayers: 1 }),
+        "ModelFormatError",
+        /tensor model\.layers\.1\.\S+ belongs to layer 1, but header config\.nLayers is 1/,
+      ],
+      [
+        "stray tensor of a later layer",
+        (h) => void (entry(h, T.attnNorm(1)).name = T.attnNorm(7)),
+        "ModelFormatError",
+        /tensor model\.layers\.7\.input_layernorm\.weight belongs to layer 7, but header config\.nLayers is 2/,
+      ],
+      [
+        "odd headDim",
+        cfg({ headDim: 15 }),
+        "ModelFormatError",
+        /config\.headDim is 15; it must be even/,
+      ],
+      [
+        "heads",
+        cfg({ nKvHeads: 3 }),
+        "ModelFormatError",
+        /header config\.nHeads 4 is not a multiple of header config\.nKvHeads 3/,
+      ],
+      [
+        "bosId",
+        cfg({ bosId: 512 }),
+        "ModelFormatError",
+        /header config\.bosId is 512; it must be a token id in \[0, 512\)/,
+      ],
+      [
+        "eosIds",
+        cfg({ eosIds: [2, 9999] }),
+        "ModelFormatError",
+        /header config\.eosIds is \[2,9999\]; it must be token ids in \[0, 512\)/,
+      ],
+      [
+        "normEps",
+        cfg({ normEps: 0 }),
+        "ModelFormatError",
+        /config\.normEps is 0; it must be a positive number/,
+      ],
+      [
+        "ropeTheta",
+        cfg({ ropeTheta: -1 }),
+        "ModelFormatError",
+        /config\.ropeTheta is -1; it must be/,
+      ],
+      [
+        "NaN ropeTheta",
+        cfg({ ropeTheta: NaN }),
+        "ModelFormatError",
+        /config\.ropeTheta is NaN; it must be/,
+      ],
+      [
+        "ropeScaling",
+        cfg({
+          ropeScaling: {
+            factor: 0,
+            lowFreqFactor: 1,
+            highFreqFactor: 4,
+            originalMaxPositionEmbeddings: 64,
+          },
+        }),
+        "ModelFormatError",
+        /config\.ropeScaling is \{"factor":0,.*\}; it must be positive factors/,
+      ],
+      [
+        "nesting",
+        (h) => void (h.quantization = { method: "rtn", deep }),
+        "ModelFormatError",
+        /the header nests deeper than 32 at quantization\.deep/,
+      ],
+    ];
+    for (const [what, mutate, name, pattern] of cases) {
+      const path = `${dir}/${what.replaceAll(" ", "_")}.lowbit`;
+      await Deno.writeFile(path, rewriteHeader(bytes, mutate));
+      await assert.rejects(() => openLowbit(path), (e: Error) => {
+        assert.equal(e.name, name, `${what}: ${e.message}`);
+        assert.match(e.message, pattern, what);
+        assert.ok(e.message.startsWith(path), `${what}: message names the file`);
+        return true;
+      });
+    }
+  });
+});
+
+/** The file at `path` with `bits` (little-endian u16 or u32) written at absolute `offset`. */
+async function patch(path: string, out: string, offset: number, bits: number, width: 2 | 4) {
+  const b = await Deno.readFile(path);
+  const dv = new DataView(b.buffer);
+  if (width === 2) dv.setUint16(offset, bits, true);
+  else dv.setUint32(offset, bits, true);
+  await Deno.writeFile(out, b);
+}
+
+Deno.test("NaN or Inf in dense data or a packed s/z fails the load, naming the tensor", async () => {
+  await withTempDir(async (dir) => {
+    const good = `${dir}/good.lowbit`;
+    await writeModel(good, uniformSpec);
+    const f0 = await openLowbit(good);
+    const at = (name: string) => f0.header.tensors.find((t) => t.name === name)!;
+    f0.close();
+    // embed (F16 [512, 64]) element [3, 5]; norm (F32 [64]) element 9; wq.0 (Q, 2 groups per
+    // row) z of row 4, group 1 (the high half of sz word 9); w2.1 (K = 72: 3 groups) s of row 2.
+    const cases: [string, string, number, number, 2 | 4, RegExp][] = [
+      [
+        "f16",
+        T.embed,
+        at(T.embed).offset + 2 * (3 * 64 + 5),
+        0x7c00,
+        2,
+        /holds \+Inf at \[3, 5\] \(F16\)/,
+      ],
+      ["f32", T.norm, at(T.norm).offset + 4 * 9, 0xffc00000, 4, /holds NaN at \[9\] \(F32\)/],
+      [
+        "z",
+        T.wq(0),
+        at(T.wq(0)).szOffset! + 4 * (4 * 2 + 1) + 2,
+        0xfc00,
+        2,
+        /holds -Inf in its offset z of row 4, group 1/,
+      ],
+      [
+        "s",
+        T.w2(1),
+        at(T.w2(1)).szOffset! + 4 * 6,
+        0x7e00,
+        2,
+        /holds NaN in its scale s of row 2, group 0/,
+      ],
+    ];
+    const gpu = await testGpu();
+    for (const [what, name, offset, bits, width, pattern] of cases) {
+      const path = `${dir}/${what}.lowbit`;
+      await patch(good, path, offset, bits, width);
+      const message = new RegExp(
+        `^${path}: tensor ${name.replaceAll(".", "\\.")} ${pattern.source}`,
+      );
+      const f = await openLowbit(path); // the header is fine
+      try {
+        await assert.rejects(() => f.read(name), { name: "ModelFormatError", message }, what);
+        if (what === "s" || what === "z") {
+          await assert.rejects(
+            () => f.readPacked(name),
+            { name: "ModelFormatError", message },
+            what,
+          );
+        }
+        await assert.rejects(() => ReferenceModel.load(f), { name: "ModelFormatError", message });
+      } finally {
+        f.close();
+      }
+      // The GPU model: the load fails, rather than a model that generates nothing.
+      const g = await openLowbit(path);
+      try {
+        await assert.rejects(() => GpuModel.load(gpu, g), { name: "ModelFormatError", message });
+      } finally {
+        g.close();
+      }
+    }
+  });
+});
+
+Deno.test("the writer refuses NaN, ±Inf and values beyond fp16", async () => {
+  await withTempDir(async (dir) => {
+    const path = `${dir}/m.lowbit`;
+    const tensors = [...expectedShapes(config)].map(([n, s]) => specFor(n, s));
+    const w = await createLowbitWriter(path, { config, tokenizer: null, quantization, tensors });
+    const x = new Float32Array(64);
+    x[3] = NaN;
+    await assert.rejects(() => w.writeTensor(T.norm, x), {
+      name: "ParameterError",
+      message: /tensor model\.norm\.weight holds NaN or ±Inf at element 3; not written/,
+    });
+    const big = new Float32Array(512 * 64);
+    big[700] = 1e6; // finite in F32, +Inf in F16
+    await assert.rejects(
+      () => w.writeTensor(T.embed, big),
+      /beyond fp16's ±65504\) at element 700/,
+    );
+    const packed = packQ(rtnQuantize(syntheticTensor(T.wq(0), [64, 64], 1), 64, 64, {
+      bits: 4,
+      groupSize: 32,
+    }));
+    packed.sz[5] = 0x7c00_3c00;
+    await assert.rejects(
+      () => w.writeTensor(T.wq(0), packed),
+      /\(sz: its scales and offsets\) holds/,
+    );
+    await w.abandon();
+    // A config the reader would reject is refused before anything is written.
+    await assert.rejects(
+      () =>
+        createLowbitWriter(`${dir}/bad.lowbit`, {
+          config: { ...config, bosId: 512 },
+          tokenizer: null,
+          quantization,
+          tensors,
+        }),
+      /config\.bosId is 512/,
+    );
+  });
 });

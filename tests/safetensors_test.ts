@@ -196,3 +196,67 @@ Deno.test("sharded index errors name the index, tensor and shard", () =>
       message: /neither model\.safetensors nor/,
     });
   }));
+
+Deno.test("data_offsets must cover the data area exactly: no overlap, hole or trailing bytes", () =>
+  withTempDir(async (dir) => {
+    const open = async (name: string, header: unknown, dataBytes: number) => {
+      const p = `${dir}/${name}.safetensors`;
+      await Deno.writeFile(p, fileBytes(header, new Uint8Array(dataBytes)));
+      return SafetensorsFile.open(p).then((f) => f.close());
+    };
+    const t = (begin: number, end: number) => ({
+      dtype: "F32",
+      shape: [(end - begin) / 4],
+      data_offsets: [begin, end],
+    });
+    // k_proj pointing into q_proj's bytes.
+    await assert.rejects(() => open("overlap", { q_proj: t(0, 32), k_proj: t(16, 48) }, 48), {
+      name: "ModelFormatError",
+      message:
+        /overlap\.safetensors: tensors q_proj \[0, 32\] and k_proj \[16, 48\] overlap \(data_offsets\)/,
+    });
+    // The same tensor bytes under two names.
+    await assert.rejects(() => open("alias", { a: t(0, 16), b: t(0, 16) }, 16), /overlap/);
+    await assert.rejects(() => open("hole", { a: t(0, 16), b: t(32, 48) }, 48), {
+      name: "ModelFormatError",
+      message:
+        /hole\.safetensors: bytes \[16, 32\) of the data area, before tensor b \[32, 48\], belong to no tensor/,
+    });
+    await assert.rejects(() => open("tail", { a: t(0, 16) }, 24), {
+      name: "ModelFormatError",
+      message: /tail\.safetensors: the data area has 24 bytes but its tensors cover 16/,
+    });
+    // Listed out of order, with an empty tensor between: valid.
+    await open("ok", {
+      b: t(16, 32),
+      e: { dtype: "F16", shape: [0], data_offsets: [16, 16] },
+      a: t(0, 16),
+    }, 32);
+  }));
+
+Deno.test("NaN or Inf in a tensor fails its read, naming the tensor and the element", () =>
+  withTempDir(async (dir) => {
+    for (const dtype of ["F32", "F16", "BF16"] as const) {
+      const path = await writeSample(dir, dtype);
+      const bytes = await Deno.readFile(path);
+      const dataStart = 8 + Number(new DataView(bytes.buffer).getBigUint64(0, true));
+      const size = dtype === "F32" ? 4 : 2;
+      // w is [3, 4]: element [2, 1] (flat 9) becomes NaN, then b [4] element 3 becomes -Inf.
+      bytes.set(encodeDtype(Float32Array.of(NaN), dtype), dataStart + 9 * size);
+      bytes.set(encodeDtype(Float32Array.of(-Infinity), dtype), dataStart + (12 + 3) * size);
+      await Deno.writeFile(path, bytes);
+      const f = await SafetensorsFile.open(path);
+      try {
+        await assert.rejects(() => f.readRows("w"), {
+          name: "ModelFormatError",
+          message: new RegExp(`${dtype}\\.safetensors: tensor w holds NaN at \\[2, 1\\]`),
+        });
+        await assert.rejects(() => f.readRows("w", 2, 3), /tensor w holds NaN at \[2, 1\]/);
+        await assert.rejects(() => f.readRowsRaw("b"), /tensor b holds -Inf at \[3\]/);
+        // Rows without it read as before.
+        assert.deepEqual(Array.from(await f.readRows("w", 0, 2)), Array.from(values.slice(0, 8)));
+      } finally {
+        f.close();
+      }
+    }
+  }));

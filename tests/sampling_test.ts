@@ -1,7 +1,18 @@
-/** Tests of runtime/model/sampling.ts: greedy, top-k, top-p, the sampled distribution, the hash. */
+/**
+ * Tests of runtime/model/sampling.ts: greedy, top-k, top-p, min-p, logit bias and penalties, the
+ * sampled distribution, the hash, the parameter ranges.
+ */
 import assert from "node:assert/strict";
 import { ParameterError } from "../runtime/errors.ts";
-import { argmax, pcgHash, sample, uniform } from "../runtime/model/sampling.ts";
+import {
+  adjustLogits,
+  argmax,
+  pcgHash,
+  sample,
+  type SamplingParams,
+  uniform,
+  validateSamplingParams,
+} from "../runtime/model/sampling.ts";
 
 /** Counts sample() results over `n` stratified u values (j + 0.5) / n. */
 function histogram(logits: Float64Array, params: Parameters<typeof sample>[1], n: number) {
@@ -118,4 +129,116 @@ Deno.test("sample() rejects out-of-range parameters", () => {
       `no ParameterError for ${JSON.stringify(p)}`,
     );
   }
+});
+
+const SAMPLED: SamplingParams = { temperature: 1, topK: 0, topP: 1 };
+
+Deno.test("adjustLogits: bias first, then repetition over prompt and output, then frequency and presence", () => {
+  const logits = Float64Array.from([1, -2, 3, 0.5, -0.5, 2]);
+  const params: SamplingParams = {
+    ...SAMPLED,
+    repetitionPenalty: 2,
+    presencePenalty: 0.5,
+    frequencyPenalty: 0.25,
+    logitBias: new Map([[3, 1], [4, 1]]),
+  };
+  const history = { prompt: [1, 4, 1], generated: [2, 2, 0] };
+  assert.deepEqual([...adjustLogits(logits, params, history)], [
+    1 / 2 - (0.25 + 0.5), // generated once: positive, so divided
+    -2 * 2, // prompt only: negative, so multiplied; no presence or frequency
+    3 / 2 - (2 * 0.25 + 0.5), // generated twice
+    0.5 + 1, // unseen: the bias alone
+    (-0.5 + 1) / 2, // the bias before the repetition penalty (the other order gives 0)
+    2, // untouched
+  ]);
+  // without a history the penalties see nothing; without parameters the logits are returned
+  assert.deepEqual([...adjustLogits(logits, { ...params, logitBias: undefined })], [...logits]);
+  assert.equal(adjustLogits(logits, SAMPLED, history), logits);
+  const off = {
+    ...SAMPLED,
+    minP: 0,
+    presencePenalty: 0,
+    frequencyPenalty: 0,
+    repetitionPenalty: 1,
+  };
+  assert.equal(adjustLogits(logits, { ...off, logitBias: new Map() }, history), logits);
+});
+
+Deno.test("logit bias: −100 bans the greedy token, +100 forces a token, sampled or greedy", () => {
+  const l = Float32Array.from([0.5, 3, -1, 2.5, 2]);
+  const ban = new Map([[1, -100]]);
+  assert.equal(sample(l, { temperature: 0, topK: 0, topP: 1, logitBias: ban }, 0.5), 3);
+  for (const u of [0.001, 0.3, 0.7, 0.9999]) {
+    const force = new Map([[2, 100]]);
+    assert.equal(sample(l, { ...SAMPLED, logitBias: force }, u), 2);
+    assert.notEqual(sample(l, { ...SAMPLED, logitBias: ban }, u), 1);
+  }
+});
+
+Deno.test("presence and frequency penalties count generated tokens; repetition also the prompt", () => {
+  const l = Float64Array.from([2, 1.9, 1.8, 0]);
+  const greedy = (p: Partial<SamplingParams>, prompt: number[], generated: number[]) =>
+    sample(l, { temperature: 0, topK: 0, topP: 1, ...p }, 0, { prompt, generated });
+  assert.equal(greedy({ presencePenalty: 0.25 }, [0], []), 0); // the prompt is not penalized
+  assert.equal(greedy({ presencePenalty: 0.25 }, [], [0]), 1);
+  assert.equal(greedy({ presencePenalty: 0.25 }, [], [0, 1]), 2);
+  assert.equal(greedy({ frequencyPenalty: 0.15 }, [], [0]), 1); // 1.85 < 1.9
+  assert.equal(greedy({ frequencyPenalty: 0.06 }, [], [0]), 0); // 1.94 > 1.9
+  assert.equal(greedy({ frequencyPenalty: 0.06 }, [], [0, 0]), 1); // 1.88 < 1.9
+  assert.equal(greedy({ frequencyPenalty: -1 }, [], [3, 3, 3]), 3); // negative: encourages
+  assert.equal(greedy({ repetitionPenalty: 1.2 }, [0], []), 1); // 2 / 1.2 < 1.9
+  assert.equal(greedy({ repetitionPenalty: 1.2 }, [], [0, 1]), 2);
+});
+
+Deno.test("min-p keeps the tokens with p ≥ minP × the largest p, after temperature", () => {
+  // p = [0.5, 0.2, 0.15, 0.1, 0.05]
+  const l = Float64Array.from([0.5, 0.2, 0.15, 0.1, 0.05].map(Math.log));
+  const keptBy = (minP: number, temperature = 1, topK = 0) => {
+    const h = histogram(l, { temperature, topK, topP: 1, minP }, 10_000);
+    return h.flatMap((f, i) => (f > 0 ? [i] : []));
+  };
+  assert.deepEqual(keptBy(0), [0, 1, 2, 3, 4]);
+  assert.deepEqual(keptBy(0.35), [0, 1]); // 0.2 ≥ 0.175 > 0.15
+  assert.deepEqual(keptBy(0.25), [0, 1, 2]); // 0.15 ≥ 0.125 > 0.1
+  assert.deepEqual(keptBy(1), [0]);
+  // T = 2: p ∝ √[1, 0.4, 0.3, 0.2, 0.1] = [1, 0.63, 0.55, 0.45, 0.32]
+  assert.deepEqual(keptBy(0.5, 2), [0, 1, 2]);
+  assert.deepEqual(keptBy(0.25, 2, 2), [0, 1]); // the tighter of top-k and min-p wins
+  // kept tokens in proportion: 0.5 / 0.7 of u goes to token 0
+  const h = histogram(l, { ...SAMPLED, minP: 0.35 }, 7000);
+  assert.ok(Math.abs(h[0] - 5 / 7) < 1e-3, `token 0 frequency ${h[0]}`);
+});
+
+Deno.test("validateSamplingParams names each parameter out of its range", () => {
+  const bad: [Partial<SamplingParams>, string][] = [
+    [{ temperature: 2.5 }, "temperature must be a number ≥ 0 and ≤ 2; got 2.5"],
+    [{ topP: 1.5 }, "top_p must be a number > 0 and ≤ 1; got 1.5"],
+    [{ topK: -1 }, "top_k must be an integer ≥ 0; got -1"],
+    [{ minP: 1.1 }, "min_p must be a number ≥ 0 and ≤ 1; got 1.1"],
+    [{ presencePenalty: -3 }, "presence_penalty must be a number ≥ -2 and ≤ 2; got -3"],
+    [{ frequencyPenalty: NaN }, "frequency_penalty must be a number ≥ -2 and ≤ 2; got NaN"],
+    [{ repetitionPenalty: 0 }, "repetition_penalty must be a number ≥ 0.01 and ≤ 100; got 0"],
+    [{ logitBias: new Map([[5, 101]]) }, "logit_bias.5 must be a number ≥ -100 and ≤ 100; got 101"],
+    [{ logitBias: new Map([[9, 1]]) }, "logit_bias keys must be token ids in [0, 8); got 9"],
+    [
+      { logitBias: new Map(Array.from({ length: 301 }, (_, i) => [i, 1])) },
+      "logit_bias holds at most 300 entries; got 301",
+    ],
+  ];
+  for (const [p, message] of bad) {
+    assert.throws(() => validateSamplingParams({ ...SAMPLED, ...p }, 8), {
+      name: "ParameterError",
+      message,
+    });
+  }
+  validateSamplingParams({
+    temperature: 2,
+    topK: 3,
+    topP: 1,
+    minP: 1,
+    presencePenalty: -2,
+    frequencyPenalty: 2,
+    repetitionPenalty: 100,
+    logitBias: new Map([[7, -100]]),
+  }, 8);
 });

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { createApp, startServer } from "../server.ts";
-import { Engine } from "../runtime/model/engine.ts";
+import { Engine, type Job, type JobStats } from "../runtime/model/engine.ts";
 import { loadModel } from "../runtime/model/load.ts";
 import { haveShared, rng, sharedPath, testGpu } from "./helpers.ts";
 
@@ -209,7 +209,7 @@ const CASES: Case[] = [
   },
   { name: "detokenize: no tokens", path: "/detokenize", body: {}, status: 400, param: "tokens" },
   { name: "unknown route", path: "/v1/nothing", body: {}, status: 404, code: "unknown_url" },
-  { name: "GET an unknown route", path: "/", method: "GET", status: 404 },
+  { name: "GET an unknown route", path: "/v2", method: "GET", status: 404 },
   {
     name: "wrong method",
     path: "/v1/completions",
@@ -231,6 +231,20 @@ const CASES: Case[] = [
     method: "GET",
     status: 404,
     code: "model_not_found",
+  },
+  {
+    name: "prompt + max_tokens beyond the context",
+    body: comp({ prompt: Array(500).fill(300), max_tokens: 20 }),
+    status: 400,
+    param: "max_tokens",
+    code: "context_length_exceeded",
+  },
+  {
+    name: "prompt + max_completion_tokens beyond the context",
+    body: { prompt: Array(500).fill(300), max_completion_tokens: 13 },
+    status: 400,
+    param: "max_completion_tokens",
+    code: "context_length_exceeded",
   },
   {
     name: "chat: more messages than the context",
@@ -465,6 +479,78 @@ Deno.test({
     } finally {
       ac.abort();
       await s.server.finished;
+    }
+  },
+});
+
+Deno.test({
+  name: "max_tokens beyond the context: a 400 naming both numbers; without max_tokens, no error",
+  ignore: !have,
+  fn: async () => {
+    const ctx = engine!.contextLength;
+    const post = (body: unknown) =>
+      app!.request("/v1/completions", { method: "POST", body: JSON.stringify(body) });
+    const res = await post({ prompt: Array(500).fill(300), max_tokens: 20 });
+    const e = await errorOf(res, "max_tokens beyond the context");
+    assert.match(e.message, new RegExp(`maximum context length is ${ctx} tokens`));
+    assert.match(e.message, /requested 520 tokens \(500 in the prompt, 20 in the completion\)/);
+    // exactly full: fits
+    const fits = await post({ prompt: Array(ctx - 3).fill(300), max_tokens: 3, temperature: 0 });
+    assert.equal(fits.status, 200, await fits.clone().text());
+    assert.equal((await fits.json()).usage.total_tokens, ctx);
+    // no max_tokens: the default (16) is clipped to the 5 tokens left, as usage reports
+    const clip = await post({ prompt: Array(ctx - 5).fill(300), temperature: 0 });
+    assert.equal(clip.status, 200);
+    const u = (await clip.json()).usage;
+    assert.ok(u.completion_tokens <= 5 && u.total_tokens <= ctx, JSON.stringify(u));
+  },
+});
+
+/** Absolute paths of this machine that an error message must not show. */
+const SERVER_PATHS = [sharedPath(""), new URL("..", import.meta.url).pathname, Deno.cwd()];
+
+Deno.test({
+  name: "errors show no server paths: a model without a chat template, an internal error",
+  ignore: !have,
+  fn: async () => {
+    const res = await app!.request("/v1/chat/completions", {
+      method: "POST",
+      body: JSON.stringify(chat({})),
+    });
+    const e = await errorOf(res, "no chat template");
+    assert.equal(e.code, "chat_template_error");
+    for (const p of SERVER_PATHS) assert.ok(!e.message.includes(p), e.message);
+    assert.doesNotMatch(e.message, /tokenizer\.(json|bin)|tok512/);
+    assert.match(e.message, /no chat template/);
+
+    // an engine that fails as a missing file would: the 500 names no path, before or mid-stream
+    const secret = `${sharedPath("models")}/secret.bin`;
+    class Failing extends Engine {
+      override async *submit(job: Job): AsyncGenerator<number, JobStats> {
+        if (job.maxTokens === 2) throw new Error(`ENOENT: no such file ${secret}`);
+        yield 300;
+        throw new Error(`EIO: read failed on ${secret}`);
+      }
+    }
+    const failing = createApp(new Failing(loaded!.model, loaded!.tokenizer, ID));
+    for (
+      const [body, stream] of [[comp({}), false], [comp({ max_tokens: 3, stream: true }), true]]
+    ) {
+      const r = await failing.request("/v1/completions", {
+        method: "POST",
+        body: JSON.stringify(body),
+      });
+      const text = await r.text();
+      for (const p of SERVER_PATHS) assert.ok(!text.includes(p), text);
+      assert.ok(!text.includes("secret.bin"), text);
+      if (stream) {
+        assert.equal(r.status, 200);
+        assert.match(text, /"code":"internal_error"/);
+        assert.ok(text.trimEnd().endsWith("data: [DONE]"), text);
+      } else {
+        assert.equal(r.status, 500);
+        assert.match(JSON.parse(text).error.message, /internal server error \[\w+\]; the details/);
+      }
     }
   },
 });

@@ -8,8 +8,7 @@ import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { pack as packBuffer, unpack } from "msgpackr";
 import { createApp, type RunningServer, startServer } from "../server.ts";
-import { Engine, type EngineOptions, type Job } from "../runtime/model/engine.ts";
-import type { GenerateStats } from "../runtime/model/generate.ts";
+import { Engine, type EngineOptions, type Job, type JobStats } from "../runtime/model/engine.ts";
 import { loadModel } from "../runtime/model/load.ts";
 import { HfTokenizer } from "../runtime/tokenizer/tokenizer_hf.ts";
 import { StopFilter } from "../runtime/http/stop.ts";
@@ -42,7 +41,7 @@ class TrackingEngine extends Engine {
   steps = 0;
   /** The step log: the job ids of each batched decode step. */
   log: number[][] = [];
-  override async *submit(job: Job): AsyncGenerator<number, GenerateStats> {
+  override async *submit(job: Job): AsyncGenerator<number, JobStats> {
     this.active++;
     try {
       return yield* super.submit(job);
@@ -435,6 +434,50 @@ Deno.test({
         } else assert.equal(JSON.parse(body).usage.completion_tokens, 100);
       }
     }, { engine: { maxQueue: 1, slots: 2 }, separateModel: true }),
+});
+
+Deno.test({
+  name: "a burst of --max-queue + --slots requests is admitted whole; one more gets 429",
+  ignore: !have,
+  fn: () =>
+    withServer(async (s, engine) => {
+      const burst = Array.from({ length: 5 }, (_, i) =>
+        fetch(`${s.url}/v1/completions`, {
+          method: "POST",
+          body: JSON.stringify({ prompt: PROMPT, max_tokens: 400, seed: i, stream: true }),
+        }).then(async (r) => ({ status: r.status, body: await r.text() })));
+      assert.ok(await waitFor(() => engine.running === 2 && engine.queueDepth === 3, 20000));
+      const extra = await post(s, "/v1/completions", { prompt: PROMPT, max_tokens: 4 });
+      assert.equal(extra.status, 429, JSON.stringify(extra.json));
+      assert.equal(extra.json.error.code, "queue_full");
+      for (const r of await Promise.all(burst)) {
+        assert.equal(r.status, 200, r.body);
+        assert.ok(r.body.trimEnd().endsWith("data: [DONE]"));
+      }
+    }, { engine: { maxQueue: 3, slots: 2 }, separateModel: true }),
+});
+
+Deno.test({
+  name: "while the engine drains: 503 server_draining with Retry-After, /health 503 " +
+    '"draining", /metrics still served',
+  ignore: !have,
+  fn: () =>
+    withServer(async (s, engine) => {
+      await engine.drain();
+      for (const path of ["/v1/completions", "/tokenize"]) {
+        const r = await post(s, path, { prompt: PROMPT, max_tokens: 4 });
+        assert.equal(r.status, 503, path);
+        assert.equal(r.json.error.code, "server_draining");
+        assert.equal(r.json.error.type, "server_error");
+        assert.ok(Number(r.headers.get("retry-after")) >= 1);
+      }
+      const h = await fetch(`${s.url}/health`);
+      assert.equal(h.status, 503);
+      assert.equal((await h.json()).status, "draining");
+      const m = await fetch(`${s.url}/metrics`);
+      assert.equal(m.status, 200);
+      await m.body?.cancel();
+    }, { separateModel: true }),
 });
 
 Deno.test({

@@ -8,6 +8,16 @@ export interface Llama3RopeScaling {
   originalMaxPositionEmbeddings: number;
 }
 
+/** Hugging Face architectures lowbit runs; Qwen2 adds q/k/v biases. */
+export const hfArchitectures = [
+  "LlamaForCausalLM",
+  "MistralForCausalLM",
+  "Qwen2ForCausalLM",
+] as const;
+
+/** Every `architecture` a ModelConfig may name: the Hugging Face ones and llama2.c's. */
+export const modelArchitectures: readonly string[] = [...hfArchitectures, "llama2.c"];
+
 export interface ModelConfig {
   /** Architecture as named by the source (`LlamaForCausalLM`, `llama2.c`, ...). */
   architecture: string;
@@ -52,30 +62,37 @@ export const tensorNames = {
   w2: (l: number) => `model.layers.${l}.mlp.down_proj.weight`, // (dim, hiddenDim)
 } as const;
 
+/**
+ * Every tensor of a model with this config and its expected shape, canonical names, lazily:
+ * readers check a file's tensors against it one by one, so a config claiming absurd sizes fails
+ * at its first missing tensor instead of building a structure per claimed layer.
+ */
+export function* expectedTensors(c: ModelConfig): Generator<[string, number[]]> {
+  const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
+  yield [tensorNames.embed, [c.vocabSize, c.dim]];
+  yield [tensorNames.norm, [c.dim]];
+  if (!c.tiedEmbeddings) yield [tensorNames.lmHead, [c.vocabSize, c.dim]];
+  for (let l = 0; l < c.nLayers; l++) {
+    yield [tensorNames.attnNorm(l), [c.dim]];
+    yield [tensorNames.wq(l), [qDim, c.dim]];
+    yield [tensorNames.wk(l), [kvDim, c.dim]];
+    yield [tensorNames.wv(l), [kvDim, c.dim]];
+    if (c.qkvBias) {
+      yield [tensorNames.bq(l), [qDim]];
+      yield [tensorNames.bk(l), [kvDim]];
+      yield [tensorNames.bv(l), [kvDim]];
+    }
+    yield [tensorNames.wo(l), [c.dim, qDim]];
+    yield [tensorNames.ffnNorm(l), [c.dim]];
+    yield [tensorNames.w1(l), [c.hiddenDim, c.dim]];
+    yield [tensorNames.w3(l), [c.hiddenDim, c.dim]];
+    yield [tensorNames.w2(l), [c.dim, c.hiddenDim]];
+  }
+}
+
 /** The expected shape of every tensor of a model with this config, keyed by canonical name. */
 export function expectedShapes(c: ModelConfig): Map<string, number[]> {
-  const m = new Map<string, number[]>();
-  const qDim = c.nHeads * c.headDim, kvDim = c.nKvHeads * c.headDim;
-  m.set(tensorNames.embed, [c.vocabSize, c.dim]);
-  m.set(tensorNames.norm, [c.dim]);
-  if (!c.tiedEmbeddings) m.set(tensorNames.lmHead, [c.vocabSize, c.dim]);
-  for (let l = 0; l < c.nLayers; l++) {
-    m.set(tensorNames.attnNorm(l), [c.dim]);
-    m.set(tensorNames.wq(l), [qDim, c.dim]);
-    m.set(tensorNames.wk(l), [kvDim, c.dim]);
-    m.set(tensorNames.wv(l), [kvDim, c.dim]);
-    if (c.qkvBias) {
-      m.set(tensorNames.bq(l), [qDim]);
-      m.set(tensorNames.bk(l), [kvDim]);
-      m.set(tensorNames.bv(l), [kvDim]);
-    }
-    m.set(tensorNames.wo(l), [c.dim, qDim]);
-    m.set(tensorNames.ffnNorm(l), [c.dim]);
-    m.set(tensorNames.w1(l), [c.hiddenDim, c.dim]);
-    m.set(tensorNames.w3(l), [c.hiddenDim, c.dim]);
-    m.set(tensorNames.w2(l), [c.dim, c.hiddenDim]);
-  }
-  return m;
+  return new Map(expectedTensors(c));
 }
 
 /**

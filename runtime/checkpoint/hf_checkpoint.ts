@@ -4,16 +4,31 @@
  * layout, so tensors are passed through unchanged.
  */
 import type { Checkpoint, TensorInfo } from "./checkpoint.ts";
-import { expectedShapes, type Llama3RopeScaling, type ModelConfig } from "./config.ts";
+import {
+  expectedTensors,
+  hfArchitectures,
+  type Llama3RopeScaling,
+  type ModelConfig,
+} from "./config.ts";
+import { checkModelConfig } from "./config_check.ts";
 import { ModelFormatError, ParameterError, ShapeError, UnsupportedModelError } from "../errors.ts";
 import { isSupportedDtype, joinPath, SafetensorsSet } from "./safetensors.ts";
 
-/** Architectures lowbit runs; Qwen2 adds q/k/v biases. */
-export const supportedArchitectures = [
-  "LlamaForCausalLM",
-  "MistralForCausalLM",
-  "Qwen2ForCausalLM",
-] as const;
+/** The config.json key of each ModelConfig field, for messages. */
+const hfKeys: Partial<Record<keyof ModelConfig, string>> = {
+  dim: "hidden_size",
+  hiddenDim: "intermediate_size",
+  nLayers: "num_hidden_layers",
+  nHeads: "num_attention_heads",
+  nKvHeads: "num_key_value_heads",
+  vocabSize: "vocab_size",
+  seqLen: "max_position_embeddings",
+  normEps: "rms_norm_eps",
+  ropeTheta: "rope_theta",
+  ropeScaling: "rope_scaling",
+  bosId: "bos_token_id",
+  eosIds: "eos_token_id",
+};
 
 type Json = Record<string, unknown>;
 
@@ -60,19 +75,12 @@ function parseRopeScaling(raw: unknown, path: string): Llama3RopeScaling | null 
     }
     return v;
   };
-  const s = {
+  return {
     factor: f("factor"),
     lowFreqFactor: f("low_freq_factor"),
     highFreqFactor: f("high_freq_factor"),
     originalMaxPositionEmbeddings: f("original_max_position_embeddings"),
   };
-  if (s.highFreqFactor <= s.lowFreqFactor) {
-    throw new ModelFormatError(
-      `${path}: rope_scaling.high_freq_factor ${s.highFreqFactor} must exceed ` +
-        `low_freq_factor ${s.lowFreqFactor}`,
-    );
-  }
-  return s;
 }
 
 /**
@@ -82,10 +90,10 @@ function parseRopeScaling(raw: unknown, path: string): Llama3RopeScaling | null 
 export function parseHfConfig(cfg: Json, path: string): ModelConfig {
   const archs = cfg.architectures;
   const arch = Array.isArray(archs) && archs.length === 1 ? archs[0] : undefined;
-  if (!(supportedArchitectures as readonly unknown[]).includes(arch)) {
+  if (!(hfArchitectures as readonly unknown[]).includes(arch)) {
     throw new UnsupportedModelError(
       `${path}: architecture ${JSON.stringify(archs ?? null)} is not supported ` +
-        `(supported: ${supportedArchitectures.join(", ")})`,
+        `(supported: ${hfArchitectures.join(", ")})`,
     );
   }
   const act = cfg.hidden_act ?? "silu";
@@ -106,18 +114,6 @@ export function parseHfConfig(cfg: Json, path: string): ModelConfig {
     ? nHeads
     : posInt(cfg, "num_key_value_heads", path);
   const headDim = cfg.head_dim == null ? dim / nHeads : posInt(cfg, "head_dim", path);
-  if (!Number.isInteger(headDim) || headDim % 2 !== 0) {
-    throw new ShapeError(
-      `${path}: head dimension ${headDim} (hidden_size ${dim} / num_attention_heads ` +
-        `${nHeads}) must be an even integer`,
-    );
-  }
-  if (nHeads % nKvHeads !== 0) {
-    throw new ShapeError(
-      `${path}: num_attention_heads ${nHeads} is not a multiple of num_key_value_heads ` +
-        `${nKvHeads}`,
-    );
-  }
   // Sliding-window attention is not implemented; within the window it equals full attention,
   // so the usable context is capped at the window.
   let seqLen = posInt(cfg, "max_position_embeddings", path);
@@ -125,11 +121,7 @@ export function parseHfConfig(cfg: Json, path: string): ModelConfig {
   const windowOn = isQwen2 ? cfg.use_sliding_window === true : true;
   if (windowOn && typeof window === "number" && window > 0) seqLen = Math.min(seqLen, window);
   const eos = cfg.eos_token_id ?? 2; // HF LlamaConfig defaults: bos 1, eos 2
-  const eosIds = Array.isArray(eos) ? eos : [eos];
-  if (!eosIds.every((x) => Number.isInteger(x) && x >= 0)) {
-    throw new ModelFormatError(`${path}: "eos_token_id" ${JSON.stringify(eos)} is not valid`);
-  }
-  return {
+  const config = {
     architecture: arch as string,
     dim,
     hiddenDim: posInt(cfg, "intermediate_size", path),
@@ -145,9 +137,14 @@ export function parseHfConfig(cfg: Json, path: string): ModelConfig {
     // HF's Llama, Mistral and Qwen2 configs all default to untied.
     tiedEmbeddings: cfg.tie_word_embeddings === true,
     qkvBias: isQwen2,
-    bosId: num(cfg, "bos_token_id", 1, path),
-    eosIds: eosIds as number[],
-  };
+    bosId: cfg.bos_token_id ?? 1,
+    eosIds: Array.isArray(eos) ? eos : [eos],
+  } as ModelConfig;
+  const headDimName = cfg.head_dim == null
+    ? `the head dimension (hidden_size ${dim} / num_attention_heads ${nHeads})`
+    : `"head_dim"`;
+  checkModelConfig(path, config, (k) => k === "headDim" ? headDimName : `"${hfKeys[k] ?? k}"`);
+  return config;
 }
 
 /** Reads and parses `dir/config.json`. */
@@ -184,7 +181,7 @@ export async function openHfCheckpoint(dir: string): Promise<Checkpoint> {
   const set = await SafetensorsSet.open(dir);
   try {
     const tensors = new Map<string, TensorInfo>();
-    for (const [name, shape] of expectedShapes(config)) {
+    for (const [name, shape] of expectedTensors(config)) {
       const t = set.tensors.get(name);
       if (!t) {
         const where = set.files.size === 1 ? [...set.files.keys()][0] : `${dir} (all shards)`;

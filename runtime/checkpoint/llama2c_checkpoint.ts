@@ -8,7 +8,9 @@
  */
 import type { Checkpoint, TensorInfo } from "./checkpoint.ts";
 import { type ModelConfig, tensorNames } from "./config.ts";
+import { checkModelConfig } from "./config_check.ts";
 import { ModelFormatError, ParameterError, UnsupportedModelError } from "../errors.ts";
+import { checkFinite } from "./finite.ts";
 import { readExact, rowGeometry } from "./safetensors.ts";
 
 const HEADER_BYTES = 7 * 4;
@@ -35,7 +37,18 @@ export function hfRowToLlama2cRow(r: number, hd: number): number {
   return h * hd + 2 * i + a;
 }
 
-/** Parses the 7-int32 header into a ModelConfig. */
+/** The header's name of each ModelConfig field it sets, for messages. */
+const llama2cFields: Partial<Record<keyof ModelConfig, string>> = {
+  dim: "dim",
+  hiddenDim: "hidden_dim",
+  nLayers: "n_layers",
+  nHeads: "n_heads",
+  nKvHeads: "n_kv_heads",
+  vocabSize: "vocab_size",
+  seqLen: "seq_len",
+};
+
+/** Parses the 7-int32 header into a ModelConfig (checked, see `checkModelConfig`). */
 export function parseLlama2cHeader(path: string, header: Int32Array): ModelConfig {
   if (header[0] === VERSIONED_MAGIC) {
     throw new UnsupportedModelError(
@@ -44,32 +57,14 @@ export function parseLlama2cHeader(path: string, header: Int32Array): ModelConfi
     );
   }
   const [dim, hiddenDim, nLayers, nHeads, nKvHeads, vocab, seqLen] = header;
-  const fields = {
-    dim,
-    hidden_dim: hiddenDim,
-    n_layers: nLayers,
-    n_heads: nHeads,
-    seq_len: seqLen,
-  };
-  for (const [k, v] of Object.entries({ ...fields, n_kv_heads: nKvHeads })) {
-    if (v <= 0) throw new ModelFormatError(`${path}: header ${k} = ${v} must be positive`);
-  }
-  if (vocab === 0) throw new ModelFormatError(`${path}: header vocab_size = 0`);
-  const headDim = dim / nHeads;
-  if (!Number.isInteger(headDim) || headDim % 2 !== 0 || nHeads % nKvHeads !== 0) {
-    throw new ModelFormatError(
-      `${path}: header dim ${dim}, n_heads ${nHeads}, n_kv_heads ${nKvHeads} give no even ` +
-        `integer head size with whole kv groups`,
-    );
-  }
-  return {
+  const config: ModelConfig = {
     architecture: "llama2.c",
     dim,
     hiddenDim,
     nLayers,
     nHeads,
     nKvHeads,
-    headDim,
+    headDim: dim / nHeads,
     vocabSize: Math.abs(vocab),
     seqLen,
     normEps: 1e-5,
@@ -82,6 +77,15 @@ export function parseLlama2cHeader(path: string, header: Int32Array): ModelConfi
     // is listed too, for the engine's usual stop test.
     eosIds: [1, 2],
   };
+  checkModelConfig(
+    path,
+    config,
+    (k) =>
+      k === "headDim"
+        ? `head size (header dim ${dim} / n_heads ${nHeads})`
+        : `header ${llama2cFields[k] ?? k}`,
+  );
+  return config;
 }
 
 /** Byte layout of every canonical tensor, in run.c's order; also the bytes the file needs. */
@@ -174,7 +178,12 @@ export async function openLlama2cCheckpoint(path: string): Promise<Checkpoint> {
         if (!Number.isInteger(r0) || !Number.isInteger(r1) || r0 < 0 || r1 > rows || r0 > r1) {
           throw new ParameterError(`${path}: tensor ${name} rows [${r0}, ${r1}) outside ${rows}`);
         }
-        if (!s.permute) return readRows(s, r0, r1 - r0, rowElems);
+        const checked = (out: Float32Array) => {
+          const bytes = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+          checkFinite(path, name, s.shape, "F32", bytes, r0 * rowElems);
+          return out;
+        };
+        if (!s.permute) return checked(await readRows(s, r0, r1 - r0, rowElems));
         // Permutation stays within a head: read the whole heads covering [r0, r1).
         const hd = config.headDim;
         const h0 = Math.floor(r0 / hd) * hd, h1 = Math.ceil(r1 / hd) * hd;
@@ -184,7 +193,7 @@ export async function openLlama2cCheckpoint(path: string): Promise<Checkpoint> {
           const from = hfRowToLlama2cRow(r, hd) - h0;
           out.set(src.subarray(from * rowElems, (from + 1) * rowElems), (r - r0) * rowElems);
         }
-        return out;
+        return checked(out);
       },
       close: () => file.close(),
     };

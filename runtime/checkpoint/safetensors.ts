@@ -8,6 +8,7 @@
  */
 import type { DType } from "./checkpoint.ts";
 import { ModelFormatError, ParameterError, UnsupportedModelError } from "../errors.ts";
+import { checkFinite } from "./finite.ts";
 
 /** Bytes per element of the dtypes the safetensors format defines (sub-byte ones omitted). */
 const dtypeBytes: Record<string, number> = Object.fromEntries([
@@ -116,7 +117,45 @@ export function parseSafetensorsHeader(
     const entryOut = { name, dtype: e.dtype, shape, begin: dataStart + b, end: dataStart + en };
     tensors.set(name, { ...entryOut, path });
   }
+  checkCoverage(path, [...tensors.values()], dataStart, dataSize);
   return tensors;
+}
+
+/**
+ * The spec's rule for the data area: "entirely indexed, and cannot contain holes" (as the
+ * reference implementation checks: sorted by offset, each tensor starts where the previous
+ * one ends, and the last ends at the end of the file). So no two tensors share bytes.
+ */
+function checkCoverage(
+  path: string,
+  tensors: SafetensorsTensor[],
+  dataStart: number,
+  dataSize: number,
+): void {
+  const sorted = tensors.toSorted((a, b) => a.begin - b.begin || a.end - b.end);
+  const at = (t: SafetensorsTensor) => `${t.name} [${t.begin - dataStart}, ${t.end - dataStart}]`;
+  let end = dataStart, prev: SafetensorsTensor | null = null;
+  for (const t of sorted) {
+    if (t.begin < end) {
+      throw new ModelFormatError(
+        `${path}: tensors ${at(prev!)} and ${at(t)} overlap (data_offsets): corrupt file`,
+      );
+    }
+    if (t.begin > end) {
+      throw new ModelFormatError(
+        `${path}: bytes [${end - dataStart}, ${t.begin - dataStart}) of the data area, before ` +
+          `tensor ${at(t)}, belong to no tensor; the format allows no holes: corrupt file`,
+      );
+    }
+    end = t.end;
+    prev = t;
+  }
+  if (end !== dataStart + dataSize) {
+    throw new ModelFormatError(
+      `${path}: the data area has ${dataSize} bytes but its tensors cover ${end - dataStart}; ` +
+        `the format allows no trailing bytes: corrupt file`,
+    );
+  }
 }
 
 /** Reads exactly `buf.length` bytes at `offset` of an open file, or throws naming the file. */
@@ -201,7 +240,10 @@ export class SafetensorsFile {
     return t;
   }
 
-  /** Raw little-endian bytes of rows `[rowStart, rowEnd)` (all rows by default). */
+  /**
+   * Raw little-endian bytes of rows `[rowStart, rowEnd)` (all rows by default); float data is
+   * checked for NaN/±Inf (ModelFormatError naming the tensor).
+   */
   async readRowsRaw(name: string, rowStart?: number, rowEnd?: number): Promise<Uint8Array> {
     const t = this.#info(name);
     const elemBytes = dtypeBytes[t.dtype];
@@ -221,6 +263,7 @@ export class SafetensorsFile {
     const job = this.#queue.then(() => readExact(this.#file, t.path, t.begin + r0 * rowBytes, buf));
     this.#queue = job.catch(() => {});
     await job;
+    if (isSupportedDtype(t.dtype)) checkFinite(t.path, name, t.shape, t.dtype, buf, r0 * rowElems);
     return buf;
   }
 

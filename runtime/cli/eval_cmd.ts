@@ -8,7 +8,6 @@
  *   deno task eval --model ../shared/models/stories260K-hf --per-line \
  *     --text ../shared/data/tinystories/TinyStories-valid-sample.txt   # perplexity 5.63
  */
-import { parseArgs } from "node:util";
 import { loadModel } from "../model/load.ts";
 import { loadTokenizer } from "../tokenizer/load_tokenizer.ts";
 import { openCheckpoint } from "../checkpoint/open_checkpoint.ts";
@@ -16,7 +15,7 @@ import { ReferenceModel } from "../reference/reference.ts";
 import { type LogitsModel, perplexity, referenceLogitsModel } from "../reference/perplexity.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { ParameterError } from "../errors.ts";
-import { dtypeOption, numberOption, runMain } from "./cli.ts";
+import { dtypeOption, numberOption, parseCli, readTextInput, runMain } from "./cli.ts";
 
 const USAGE = `usage: deno task eval --model PATH --text FILE [options]
   --model PATH         Hugging Face model directory, llama2.c .bin, or .lowbit file
@@ -54,7 +53,7 @@ function tokenProgress(label: string): (done: number, total: number) => void {
 }
 
 async function main(args: string[]): Promise<void> {
-  const { values: a } = parseArgs({
+  const { values: a } = parseCli({
     args,
     options: {
       model: { type: "string" },
@@ -77,12 +76,7 @@ async function main(args: string[]): Promise<void> {
   if (!a.text) throw new ParameterError(`--text is required\n${USAGE}`);
   const dtype = dtypeOption(a.dtype!);
   const ctx = posInt("ctx", a.ctx), maxTokens = posInt("max-tokens", a["max-tokens"]);
-  let text: string;
-  try {
-    text = await Deno.readTextFile(a.text);
-  } catch (e) {
-    throw new ParameterError(`--text ${a.text}: ${(e as Error).message}`, { cause: e });
-  }
+  const text = await readTextInput("--text", a.text);
 
   let model: LogitsModel, tokenizer: Tokenizer, engine: string;
   if (a.cpu) {

@@ -5,9 +5,10 @@
  * data, every array at a 64-byte-aligned absolute offset.
  */
 import type { QuantInfo } from "../checkpoint/checkpoint.ts";
-import type { ModelConfig } from "../checkpoint/config.ts";
+import { modelArchitectures, type ModelConfig } from "../checkpoint/config.ts";
+import { checkModelConfig } from "../checkpoint/config_check.ts";
 import type { TokenizerData } from "../tokenizer/tokenizer.ts";
-import { ModelFormatError } from "../errors.ts";
+import { ModelFormatError, UnsupportedModelError } from "../errors.ts";
 
 /** The 8 bytes every .lowbit file starts with. */
 export const LOWBIT_MAGIC = new Uint8Array([0x4c, 0x4f, 0x57, 0x42, 0x49, 0x54, 0, 0]); // "LOWBIT\0\0"
@@ -126,27 +127,19 @@ function isRopeScaling(v: unknown): boolean {
     .every((k) => isNumber(r[k]));
 }
 
-/** Every ModelConfig field: its check and what it must be (for messages). */
+/** The ModelConfig fields that are not numbers: their check and what they must be. */
 const configFields: [keyof ModelConfig, (v: unknown) => boolean, string][] = [
   ["architecture", (v) => typeof v === "string", "a string"],
-  ["dim", isPosInt, "a positive integer"],
-  ["hiddenDim", isPosInt, "a positive integer"],
-  ["nLayers", isPosInt, "a positive integer"],
-  ["nHeads", isPosInt, "a positive integer"],
-  ["nKvHeads", isPosInt, "a positive integer"],
-  ["headDim", isPosInt, "a positive integer"],
-  ["vocabSize", isPosInt, "a positive integer"],
-  ["seqLen", isPosInt, "a positive integer"],
-  ["normEps", isNumber, "a number"],
-  ["ropeTheta", isNumber, "a number"],
   ["ropeScaling", (v) => v === null || isRopeScaling(v), "nil or a map of 4 numbers"],
   ["tiedEmbeddings", (v) => typeof v === "boolean", "a boolean"],
   ["qkvBias", (v) => typeof v === "boolean", "a boolean"],
-  ["bosId", isNonNegInt, "a token id"],
-  ["eosIds", (v) => Array.isArray(v) && v.every(isNonNegInt), "an array of token ids"],
 ];
 
-/** Validates the header's `config` map; throws ModelFormatError naming the field. */
+/**
+ * Validates the header's `config` map: the types, a supported architecture, and what every
+ * reader checks (`checkModelConfig`: sizes within limits, BOS/EOS in the vocabulary, ...).
+ * Throws ModelFormatError or UnsupportedModelError naming the field and the value.
+ */
 export function checkConfig(path: string, c: unknown): ModelConfig {
   if (typeof c !== "object" || c === null || Array.isArray(c)) {
     throw new ModelFormatError(`${path}: the header has no "config" map`);
@@ -160,5 +153,13 @@ export function checkConfig(path: string, c: unknown): ModelConfig {
       );
     }
   }
-  return r as unknown as ModelConfig;
+  if (!modelArchitectures.includes(r.architecture as string)) {
+    throw new UnsupportedModelError(
+      `${path}: header config.architecture ${JSON.stringify(r.architecture)} is not supported ` +
+        `(supported: ${modelArchitectures.join(", ")})`,
+    );
+  }
+  const config = r as unknown as ModelConfig;
+  checkModelConfig(path, config, (k) => `header config.${k}`);
+  return config;
 }

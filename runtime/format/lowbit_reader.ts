@@ -6,7 +6,8 @@
  */
 import { Unpackr } from "msgpackr";
 import type { Checkpoint, PackedTensor, TensorInfo } from "../checkpoint/checkpoint.ts";
-import { expectedShapes } from "../checkpoint/config.ts";
+import { expectedTensors } from "../checkpoint/config.ts";
+import { checkFinite, checkFiniteSz } from "../checkpoint/finite.ts";
 import { ModelFormatError, ParameterError } from "../errors.ts";
 import {
   checkConfig,
@@ -36,6 +37,37 @@ const unpackr = new Unpackr({ useRecords: false, mapsAsObjects: true });
 
 function isRecord(v: unknown): v is Record<string, unknown> {
   return typeof v === "object" && v !== null && !Array.isArray(v) && !(v instanceof Uint8Array);
+}
+
+/** Nesting deeper than any valid header (config.ropeScaling is 3 levels down). */
+const MAX_DEPTH = 32;
+
+/**
+ * `v` with its 64-bit integers (msgpackr decodes uint64/int64 as BigInt) as numbers; throws
+ * ModelFormatError naming the field (`tensors[3].offset`) when one is beyond ±(2^53 − 1),
+ * where a number no longer holds every integer exactly.
+ */
+function toSafeNumbers(path: string, v: unknown, at: string, depth = 0): unknown {
+  if (depth > MAX_DEPTH) {
+    throw new ModelFormatError(`${path}: the header nests deeper than ${MAX_DEPTH} at ${at}`);
+  }
+  if (typeof v === "bigint") {
+    if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < BigInt(Number.MIN_SAFE_INTEGER)) {
+      throw new ModelFormatError(
+        `${path}: header ${at} is ${v}, beyond the integers a reader represents exactly ` +
+          `(±2^53 − 1)`,
+      );
+    }
+    return Number(v);
+  }
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) v[i] = toSafeNumbers(path, v[i], `${at}[${i}]`, depth + 1);
+  } else if (isRecord(v)) {
+    for (const k of Object.keys(v)) {
+      v[k] = toSafeNumbers(path, v[k], at ? `${at}.${k}` : k, depth + 1);
+    }
+  }
+  return v;
 }
 
 /** Printable form of the first bytes, for the wrong-magic message: "GGUF\x03\x00..." */
@@ -174,6 +206,7 @@ async function readHeader(path: string, file: Deno.FsFile, fileSize: number) {
       { cause: e },
     );
   }
+  raw = toSafeNumbers(path, raw, "");
   if (!isRecord(raw)) throw new ModelFormatError(`${path}: the header is not a map`);
   const config = checkConfig(path, raw.config);
   const tokenizer = checkTokenizer(path, raw.tokenizer);
@@ -195,17 +228,46 @@ async function readHeader(path: string, file: Deno.FsFile, fileSize: number) {
   return { header, version };
 }
 
-/** TensorInfo map, checking every tensor the config requires is present with its shape. */
+/** The layer index in a canonical per-layer tensor name, or −1. */
+function layerOf(name: string): number {
+  const m = /^model\.layers\.(\d+)\./.exec(name);
+  return m ? Number(m[1]) : -1;
+}
+
+/**
+ * TensorInfo map, checking that the table and the config agree: every tensor the config
+ * requires is present with its shape, and no tensor belongs to a layer beyond config.nLayers.
+ * The config's tensors are checked one at a time against the table, so a config claiming more
+ * layers than the table holds fails at the first missing layer, without building anything per
+ * claimed layer.
+ */
 function tensorInfos(path: string, header: LowbitHeader): Map<string, TensorInfo> {
+  const { nLayers } = header.config;
   const infos = new Map<string, TensorInfo>();
+  const layers = new Set<number>();
   for (const e of header.tensors) {
     if (infos.has(e.name)) throw new ModelFormatError(`${path}: tensor ${e.name} listed twice`);
+    const layer = layerOf(e.name);
+    if (layer >= nLayers) {
+      throw new ModelFormatError(
+        `${path}: tensor ${e.name} belongs to layer ${layer}, but header config.nLayers is ` +
+          `${nLayers} (layers 0 to ${nLayers - 1})`,
+      );
+    }
+    if (layer >= 0) layers.add(layer);
     const info: TensorInfo = { name: e.name, dtype: e.dtype, shape: e.shape };
     if (e.dtype === "Q") info.quant = { bits: e.bits!, groupSize: e.groupSize! };
     infos.set(e.name, info);
   }
-  for (const [name, shape] of expectedShapes(header.config)) {
+  for (const [name, shape] of expectedTensors(header.config)) {
     const t = infos.get(name);
+    const layer = layerOf(name);
+    if (!t && layer >= 0 && !layers.has(layer)) {
+      throw new ModelFormatError(
+        `${path}: header config.nLayers is ${nLayers}, but the tensor table has no tensor of ` +
+          `layer ${layer} (it has tensors of ${layers.size} layers)`,
+      );
+    }
     if (!t) {
       throw new ModelFormatError(
         `${path}: tensor ${name} is missing; the header's config requires it with shape ` +
@@ -279,6 +341,7 @@ export async function openLowbit(path: string): Promise<LowbitCheckpoint> {
         if (e.dtype !== "Q") {
           const eb = e.dtype === "F32" ? 4 : 2;
           const bytes = await readBytes(e.offset + a * rowElems * eb, (b - a) * rowElems * eb);
+          checkFinite(path, name, e.shape, e.dtype, bytes, a * rowElems);
           return decodeToF32(e.dtype, bytes);
         }
         // Packed rows are independent: read rows [a, b) of qweight and sz, then dequantize.
@@ -286,6 +349,7 @@ export async function openLowbit(path: string): Promise<LowbitCheckpoint> {
         const q = await readBytes(e.offset + a * qRow, (b - a) * qRow);
         const sz = await readBytes(e.szOffset! + a * szRow, (b - a) * szRow);
         const packed = { qweight: new Uint32Array(q.buffer), sz: new Uint32Array(sz.buffer) };
+        checkFiniteSz(path, name, packed.sz, szRow / 4, a);
         return dequantize(unpackQ(packed, b - a, e.shape[1], e.bits!, e.groupSize!));
       },
       async readPacked(name) {
@@ -294,8 +358,9 @@ export async function openLowbit(path: string): Promise<LowbitCheckpoint> {
           throw new ParameterError(`${path}: tensor ${name} is ${e.dtype}, not packed ("Q")`);
         }
         const q = await readBytes(e.offset, e.bytes);
-        const sz = await readBytes(e.szOffset!, e.szBytes!);
-        return { qweight: new Uint32Array(q.buffer), sz: new Uint32Array(sz.buffer) };
+        const sz = new Uint32Array((await readBytes(e.szOffset!, e.szBytes!)).buffer);
+        checkFiniteSz(path, name, sz, sz.length / e.shape[0]);
+        return { qweight: new Uint32Array(q.buffer), sz };
       },
       close: () => file.close(),
     };

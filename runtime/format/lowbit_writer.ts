@@ -10,10 +10,12 @@
  */
 import { Packr } from "msgpackr";
 import type { PackedTensor } from "../checkpoint/checkpoint.ts";
-import { expectedShapes } from "../checkpoint/config.ts";
+import { expectedTensors } from "../checkpoint/config.ts";
+import { firstNonFinite } from "../checkpoint/finite.ts";
 import { ParameterError, ShapeError } from "../errors.ts";
 import {
   align,
+  checkConfig,
   elementCount,
   LOWBIT_MAGIC,
   LOWBIT_VERSION,
@@ -91,6 +93,7 @@ function layout(spec: LowbitSpec, dataStart: number): LowbitTensorEntry[] {
 }
 
 function checkSpec(path: string, spec: LowbitSpec): void {
+  checkConfig(path, spec.config); // what the reader will check of it
   const names = new Set<string>();
   for (const t of spec.tensors) {
     if (names.has(t.name)) throw new ParameterError(`${path}: tensor ${t.name} listed twice`);
@@ -98,7 +101,7 @@ function checkSpec(path: string, spec: LowbitSpec): void {
     const problem = tensorProblem({ ...t, bits: t.quant?.bits, groupSize: t.quant?.groupSize });
     if (problem) throw new ParameterError(`${path}: tensor ${t.name} ${problem}`);
   }
-  for (const [name, shape] of expectedShapes(spec.config)) {
+  for (const [name, shape] of expectedTensors(spec.config)) {
     const t = spec.tensors.find((x) => x.name === name);
     if (!t) {
       throw new ParameterError(
@@ -146,6 +149,27 @@ async function writeAt(file: Deno.FsFile, offset: number, bytes: Uint8Array): Pr
 
 function asBytes(a: ArrayBufferView): Uint8Array {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/**
+ * Throws ParameterError when `data` (elements from `first` on, as stored) holds a NaN or ±Inf,
+ * which the reader would reject: the file is never written with one.
+ */
+function checkWritable(
+  path: string,
+  name: string,
+  what: string,
+  dtype: "F32" | "F16",
+  data: ArrayBufferView,
+  first = 0,
+): void {
+  const i = firstNonFinite(dtype, asBytes(data));
+  if (i < 0) return;
+  throw new ParameterError(
+    `${path}: tensor ${name}${what} holds NaN or ±Inf${
+      dtype === "F16" ? " (or a value beyond fp16's ±65504)" : ""
+    } at element ${first + i}; not written`,
+  );
 }
 
 /**
@@ -213,6 +237,7 @@ export async function createLowbitWriter(
             `${p.sz.length}`,
         );
       }
+      checkWritable(path, name, " (sz: its scales and offsets)", "F16", p.sz);
       await writeAt(file, e.offset, asBytes(p.qweight));
       await writeAt(file, e.szOffset!, asBytes(p.sz));
     } else {
@@ -225,10 +250,13 @@ export async function createLowbitWriter(
             `${data.length}`,
         );
       }
-      if (e.dtype === "F32") await writeAt(file, e.offset, asBytes(data));
-      else {
+      if (e.dtype === "F32") {
+        checkWritable(path, name, "", "F32", data);
+        await writeAt(file, e.offset, asBytes(data));
+      } else {
         for (let i = 0; i < data.length; i += F16_CHUNK) {
           const half = Float16Array.from(data.subarray(i, i + F16_CHUNK));
+          checkWritable(path, name, "", "F16", half, i);
           await writeAt(file, e.offset + 2 * i, asBytes(half));
         }
       }

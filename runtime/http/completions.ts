@@ -2,7 +2,13 @@
 import type { Context } from "hono";
 import { readBody } from "./body.ts";
 import { checkModel, parseGenParams, parsePrompt } from "./params.ts";
-import { checkPromptLength, checkTextLength, type ServerContext } from "./context.ts";
+import {
+  checkPromptLength,
+  checkTextLength,
+  completionBudget,
+  maxTokensParam,
+  type ServerContext,
+} from "./context.ts";
 import { type Format, respond } from "./respond.ts";
 
 /** OpenAI's default max_tokens for completions. */
@@ -24,12 +30,20 @@ export function completions(ctx: ServerContext) {
     checkModel(body, engine.modelId);
     const vocab = Math.min(engine.model.config.vocabSize, engine.tokenizer.vocabSize);
     const p = parsePrompt(body, vocab);
-    const params = parseGenParams(body, ctx.maxTokensLimit);
+    const params = parseGenParams(body, ctx.maxTokensLimit, vocab);
     const n = engine.contextLength;
     if (typeof p === "string") checkTextLength(p, "prompt", n);
     const prompt = typeof p === "string" ? engine.tokenizer.encode(p, { bos: true }) : p;
     checkPromptLength(prompt, "prompt", n);
-    const want = params.maxTokens ?? Math.min(COMPLETIONS_DEFAULT_MAX_TOKENS, ctx.maxTokensLimit);
-    return await respond(c, ctx, prompt, params, Math.min(want, n - prompt.length), format, t0);
+    const fallback = Math.min(COMPLETIONS_DEFAULT_MAX_TOKENS, ctx.maxTokensLimit);
+    const budget = completionBudget(
+      prompt.length,
+      params.maxTokens,
+      fallback,
+      "prompt",
+      maxTokensParam(body),
+      n,
+    );
+    return await respond(c, ctx, prompt, params, budget, format, t0);
   };
 }

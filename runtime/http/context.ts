@@ -46,3 +46,36 @@ export function checkPromptLength(ids: number[], param: string, ctx: number): vo
     });
   }
 }
+
+/** The name the request gave its length limit: max_completion_tokens when present, else max_tokens. */
+export function maxTokensParam(body: Record<string, unknown>): string {
+  const v = body.max_completion_tokens;
+  return v !== undefined && v !== null ? "max_completion_tokens" : "max_tokens";
+}
+
+/**
+ * How many tokens to generate after a prompt of `promptTokens`: an explicit `maxTokens` must fit
+ * in the rest of the context (else a 400 `context_length_exceeded` naming both numbers, as
+ * vLLM's); without one, `fallback` (the endpoint's default) is clipped to the room left.
+ */
+export function completionBudget(
+  promptTokens: number,
+  maxTokens: number | undefined,
+  fallback: number,
+  where: "prompt" | "messages",
+  param: string,
+  ctx: number,
+): number {
+  const room = ctx - promptTokens;
+  if (maxTokens === undefined) return Math.min(fallback, room);
+  if (maxTokens > room) {
+    throw new ApiError(
+      400,
+      `This model's maximum context length is ${ctx} tokens. However, you requested ` +
+        `${promptTokens + maxTokens} tokens (${promptTokens} in the ${where}, ${maxTokens} in ` +
+        `the completion). Please reduce the length of the ${where} or ${param}.`,
+      { param, code: "context_length_exceeded" },
+    );
+  }
+  return maxTokens;
+}

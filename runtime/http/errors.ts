@@ -4,7 +4,7 @@
  */
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
-import { QueueFullError } from "../model/engine.ts";
+import { EngineDrainingError, QueueFullError } from "../model/engine.ts";
 import { ParameterError, TokenizerError } from "../errors.ts";
 import { send } from "./body.ts";
 
@@ -41,6 +41,32 @@ export function badParam(param: string, message: string, code = "invalid_value")
   return new ApiError(400, message, { param, code });
 }
 
+/** Retry-After (seconds) of a 503 `server_draining`. */
+export const DRAIN_RETRY_AFTER_S = 5;
+
+/**
+ * A 503 `server_draining`: the server is shutting down, so it refuses new requests and, past its
+ * drain timeout, gives up on those still waiting.
+ */
+export function serverDraining(message: string): ApiError {
+  return new ApiError(503, message, {
+    code: "server_draining",
+    headers: { "Retry-After": String(DRAIN_RETRY_AFTER_S) },
+  });
+}
+
+/**
+ * A 500 for an unexpected error: the details (which may name server files) go to the server log
+ * under a short id, and the client gets only that id.
+ */
+export function internalError(err: unknown, where = "internal error"): ApiError {
+  const id = crypto.randomUUID().slice(0, 8);
+  console.error(`${where} [${id}]:`, err);
+  return new ApiError(500, `internal server error [${id}]; the details are in the server log`, {
+    code: "internal_error",
+  });
+}
+
 /** Seconds a client should wait after a 429: the queue's expected drain time. */
 export type RetryAfter = (depth: number) => number;
 
@@ -58,6 +84,9 @@ function toApiError(err: unknown, retryAfter: RetryAfter): ApiError {
       headers: { "Retry-After": String(retryAfter(err.depth)) },
     });
   }
+  if (err instanceof EngineDrainingError) {
+    return serverDraining(`${err.message}; retry in a few seconds (on another instance)`);
+  }
   if (err instanceof ParameterError || err instanceof TokenizerError) {
     return new ApiError(400, err.message, { code: "invalid_value" });
   }
@@ -65,9 +94,7 @@ function toApiError(err: unknown, retryAfter: RetryAfter): ApiError {
     const code = err.status === 413 ? "payload_too_large" : null;
     return new ApiError(err.status, err.message || `HTTP ${err.status}`, { code });
   }
-  console.error("internal error:", err);
-  const message = err instanceof Error ? err.message : String(err);
-  return new ApiError(500, `internal server error: ${message}`, { code: "internal_error" });
+  return internalError(err);
 }
 
 /** The response for `e`, in the encoding the client accepts. */

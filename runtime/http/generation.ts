@@ -3,14 +3,15 @@
  * (incremental detokenization, then stop strings), records metrics, and ends the job on every
  * path (finished, stop string, client gone, error).
  */
-import type { Engine } from "../model/engine.ts";
+import type { Engine, FinishReason, JobStats } from "../model/engine.ts";
 import type { SamplingParams } from "../model/model.ts";
-import type { GenerateStats } from "../model/generate.ts";
 import { StreamDecoder } from "../tokenizer/stream_decoder.ts";
 import type { Metrics } from "./metrics.ts";
+import { serverDraining } from "./errors.ts";
 import { StopFilter } from "./stop.ts";
 
-export type FinishReason = "stop" | "length";
+/** "stop", "length", or "abort": the server shut down before the job finished. */
+export type { FinishReason };
 
 export interface GenerationRequest {
   prompt: number[];
@@ -27,7 +28,7 @@ export interface Outcome {
   completionTokens: number;
 }
 
-type Step = IteratorResult<number, GenerateStats>;
+type Step = IteratorResult<number, JobStats>;
 
 /** A queued or running job, already past admission (queue full and bad jobs throw in `start`). */
 export class Generation {
@@ -38,7 +39,7 @@ export class Generation {
     private readonly engine: Engine,
     private readonly metrics: Metrics,
     private readonly req: GenerationRequest,
-    private readonly it: AsyncGenerator<number, GenerateStats>,
+    private readonly it: AsyncGenerator<number, JobStats>,
     private readonly abort: AbortController,
     private readonly first: Step,
     private readonly tFirst: number,
@@ -46,7 +47,8 @@ export class Generation {
 
   /**
    * Submits the job and waits for its first token, so that a full queue or a job the engine
-   * rejects surfaces here, before any response (or SSE header) is sent.
+   * rejects surfaces here, before any response (or SSE header) is sent; so does a job the
+   * engine aborted (shutdown) before its first token: a 503.
    */
   static async start(
     engine: Engine,
@@ -62,6 +64,9 @@ export class Generation {
       signal: AbortSignal.any([req.signal, abort.signal]),
     });
     const first = await it.next();
+    if (first.done && first.value.finishReason === "abort") {
+      throw serverDraining("the server shut down before this request started; retry it");
+    }
     metrics.started();
     return new Generation(engine, metrics, req, it, abort, first, performance.now());
   }
@@ -72,7 +77,7 @@ export class Generation {
     const stop = new StopFilter(this.req.stop);
     let r = this.first, n = 0, tLast = this.tFirst;
     let finishReason: FinishReason = "length";
-    let stats: GenerateStats | null = null;
+    let stats: JobStats | null = null;
     try {
       while (!r.done) {
         n++;
@@ -116,7 +121,7 @@ export class Generation {
     }
   }
 
-  #record(n: number, tLast: number, stats: GenerateStats | null): void {
+  #record(n: number, tLast: number, stats: JobStats | null): void {
     if (this.#recorded) return;
     this.#recorded = true;
     this.metrics.finished({

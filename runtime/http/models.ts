@@ -33,7 +33,16 @@ export function getModel(ctx: ServerContext) {
   };
 }
 
+/** `GET /health`: 200 `{"status": "ok"}`, or 503 `{"status": "draining"}` while shutting down. */
 export function health(ctx: ServerContext) {
-  return (c: Context): Response =>
-    send(c, { status: "ok", model: ctx.engine.modelId, queue_depth: ctx.engine.queueDepth });
+  return (c: Context): Response => {
+    const { engine } = ctx;
+    const draining = engine.draining;
+    return send(c, {
+      status: draining ? "draining" : "ok",
+      model: engine.modelId,
+      queue_depth: engine.queueDepth,
+      running: engine.running,
+    }, draining ? 503 : 200);
+  };
 }

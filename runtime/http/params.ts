@@ -1,9 +1,20 @@
 /**
  * Request validation for the OpenAI-style endpoints. Every check names the field at fault, so a
- * client gets a 400 with `param` set; null counts as absent, as in OpenAI's API.
+ * client gets a 400 with `param` set; null counts as absent, as in OpenAI's API. Parameters
+ * OpenAI or vLLM define that this server does not implement are a 400 naming them when they ask
+ * for anything but their default; fields neither defines are ignored, as vLLM does.
  */
 import type { ChatMessage } from "../tokenizer/tokenizer.ts";
 import type { SamplingParams } from "../model/model.ts";
+import {
+  describeRange,
+  inRange,
+  LOGIT_BIAS_RANGE,
+  MAX_LOGIT_BIAS,
+  type NumberRange,
+  SAMPLING_RANGES,
+  type SamplingName,
+} from "../model/sampling.ts";
 import { ApiError, badParam } from "./errors.ts";
 
 type Body = Record<string, unknown>;
@@ -32,26 +43,20 @@ function describe(v: unknown): string {
 const present = (body: Body, name: string) => body[name] !== undefined && body[name] !== null;
 
 /** An optional number in [min, max] (integer when `integer`); `gtMin` makes min exclusive. */
-export function optNumber(
-  body: Body,
-  name: string,
-  range: { min?: number; max?: number; integer?: boolean; gtMin?: boolean } = {},
-): number | undefined {
+export function optNumber(body: Body, name: string, range: NumberRange = {}): number | undefined {
   if (!present(body, name)) return undefined;
   const v = body[name];
-  const { min = -Infinity, max = Infinity, integer = false, gtMin = false } = range;
-  const kind = integer ? "an integer" : "a number";
-  const lo = gtMin ? `> ${min}` : `≥ ${min}`;
-  const bounds = [min > -Infinity ? lo : "", max < Infinity ? `≤ ${max}` : ""].filter(Boolean);
-  const rule = `${name} must be ${kind}${bounds.length ? " " + bounds.join(" and ") : ""}`;
+  const rule = `${name} must be ${describeRange(range)}`;
   if (typeof v !== "number" || !Number.isFinite(v)) {
     throw badParam(name, `${rule}; got ${describe(v)}`, "invalid_type");
   }
-  if ((integer && !Number.isSafeInteger(v)) || v < min || (gtMin && v === min) || v > max) {
-    throw badParam(name, `${rule}; got ${v}`);
-  }
+  if (!inRange(v, range)) throw badParam(name, `${rule}; got ${v}`);
   return v;
 }
+
+/** An optional sampling parameter, in its range (shared with the generate CLI). */
+const samplingParam = (body: Body, name: SamplingName) =>
+  optNumber(body, name, SAMPLING_RANGES[name]);
 
 export function optBool(body: Body, name: string): boolean | undefined {
   if (!present(body, name)) return undefined;
@@ -78,32 +83,118 @@ export function checkModel(body: Body, modelId: string): void {
   }
 }
 
-const isTextFormat = (v: unknown) =>
-  typeof v === "object" && v !== null && (v as Body).type === "text";
+const is = (...values: unknown[]) => (v: unknown) => values.includes(v);
+const never = () => false;
+const emptyArray = (v: unknown) => Array.isArray(v) && v.length === 0;
+const emptyObject = (v: unknown) =>
+  typeof v === "object" && v !== null && !Array.isArray(v) && Object.keys(v).length === 0;
+
+/**
+ * The parameters OpenAI or vLLM define that this server does not implement, each with the test
+ * of the values that ask for nothing (the default; null counts as absent). Any other value is a
+ * 400 naming the parameter.
+ */
+export const UNSUPPORTED: Record<string, (v: unknown) => boolean> = {
+  // OpenAI
+  echo: is(false),
+  best_of: is(1),
+  logprobs: is(false, 0),
+  top_logprobs: is(0),
+  suffix: is(""),
+  tools: emptyArray,
+  tool_choice: is("none", "auto"),
+  functions: emptyArray,
+  function_call: is("none", "auto"),
+  parallel_tool_calls: is(true),
+  response_format: (v) => typeof v === "object" && v !== null && (v as Body).type === "text",
+  audio: never,
+  modalities: (v) => Array.isArray(v) && v.length === 1 && v[0] === "text",
+  prediction: never,
+  reasoning_effort: never,
+  web_search_options: never,
+  store: is(false),
+  // vLLM
+  use_beam_search: is(false),
+  length_penalty: is(1),
+  prompt_logprobs: never,
+  guided_json: never,
+  guided_regex: never,
+  guided_choice: never,
+  guided_grammar: never,
+  structured_outputs: never,
+  logits_processors: emptyArray,
+  allowed_token_ids: never,
+  bad_words: emptyArray,
+  stop_token_ids: emptyArray,
+  ignore_eos: is(false),
+  min_tokens: is(0),
+  include_stop_str_in_output: is(false),
+  truncate_prompt_tokens: never,
+  return_tokens_as_token_ids: is(false),
+  add_generation_prompt: is(true),
+  continue_final_message: is(false),
+  chat_template: never,
+  chat_template_kwargs: emptyObject,
+  documents: never,
+};
 
 /** Rejects options this server does not implement when they ask for more than the default. */
 function unsupported(body: Body): void {
-  const zeroOr = (name: string) => present(body, name) && body[name] !== 0;
-  const checks: [string, boolean][] = [
-    ["echo", present(body, "echo") && body.echo !== false],
-    ["best_of", present(body, "best_of") && body.best_of !== 1],
-    ["logprobs", present(body, "logprobs") && body.logprobs !== false && body.logprobs !== 0],
-    ["top_logprobs", zeroOr("top_logprobs")],
-    ["suffix", present(body, "suffix") && body.suffix !== ""],
-    ["presence_penalty", zeroOr("presence_penalty")],
-    ["frequency_penalty", zeroOr("frequency_penalty")],
-    ["tools", Array.isArray(body.tools) ? body.tools.length > 0 : present(body, "tools")],
-    ["response_format", present(body, "response_format") && !isTextFormat(body.response_format)],
-  ];
-  for (const [name, bad] of checks) {
-    if (bad) {
+  for (const [name, isDefault] of Object.entries(UNSUPPORTED)) {
+    if (present(body, name) && !isDefault(body[name])) {
       throw badParam(name, `${name} is not supported by this server; leave it out`, "unsupported");
     }
   }
 }
 
-/** Sampling, length, stop and streaming parameters; `maxTokensLimit` caps max_tokens. */
-export function parseGenParams(body: Body, maxTokensLimit: number): GenParams {
+/**
+ * `logit_bias`: an object from token ids (decimal strings) to biases in [−100, 100], at most
+ * MAX_LOGIT_BIAS entries, as OpenAI's. Undefined when absent or empty.
+ */
+function parseLogitBias(body: Body, vocabSize: number): Map<number, number> | undefined {
+  if (!present(body, "logit_bias")) return undefined;
+  const v = body.logit_bias;
+  const range = describeRange(LOGIT_BIAS_RANGE);
+  if (typeof v !== "object" || v === null || Array.isArray(v)) {
+    throw badParam(
+      "logit_bias",
+      `logit_bias must be an object mapping token ids to biases (${range}); got ${describe(v)}`,
+      "invalid_type",
+    );
+  }
+  const entries = Object.entries(v as Body);
+  if (entries.length > MAX_LOGIT_BIAS) {
+    throw badParam(
+      "logit_bias",
+      `logit_bias holds at most ${MAX_LOGIT_BIAS} entries; got ${entries.length}`,
+    );
+  }
+  const bias = new Map<number, number>();
+  for (const [key, b] of entries) {
+    const at = `logit_bias.${key.slice(0, 40)}`;
+    const id = /^\d{1,10}$/.test(key) ? Number(key) : NaN;
+    if (!(id < vocabSize)) {
+      throw badParam(
+        at,
+        `logit_bias keys must be token ids in [0, ${vocabSize}); got ${describe(key)}`,
+        "invalid_token",
+      );
+    }
+    if (bias.has(id)) throw badParam(at, `logit_bias names token ${id} twice`);
+    if (typeof b !== "number" || !inRange(b, LOGIT_BIAS_RANGE)) {
+      const code = typeof b === "number" ? "invalid_value" : "invalid_type";
+      throw badParam(at, `${at} must be ${range}; got ${describe(b)}`, code);
+    }
+    bias.set(id, b);
+  }
+  return bias.size ? bias : undefined;
+}
+
+/**
+ * Sampling, length, stop and streaming parameters; `maxTokensLimit` caps max_tokens; logit_bias
+ * keys are token ids below `vocabSize`.
+ */
+export function parseGenParams(body: Body, maxTokensLimit: number, vocabSize: number): GenParams {
   unsupported(body);
   const n = optNumber(body, "n", { integer: true });
   if (n !== undefined && n !== 1) {
@@ -119,10 +210,16 @@ export function parseGenParams(body: Body, maxTokensLimit: number): GenParams {
     );
   }
   const sampling: SamplingParams = {
-    temperature: optNumber(body, "temperature", { min: 0, max: 2 }) ?? 1,
-    topP: optNumber(body, "top_p", { min: 0, max: 1, gtMin: true }) ?? 1,
-    topK: optNumber(body, "top_k", { min: 0, integer: true }) ?? 0,
-    seed: (optNumber(body, "seed", { integer: true }) ?? Math.random() * 2 ** 32) >>> 0,
+    temperature: samplingParam(body, "temperature") ?? 1,
+    topP: samplingParam(body, "top_p") ?? 1,
+    topK: samplingParam(body, "top_k") ?? 0,
+    seed: (samplingParam(body, "seed") ?? Math.random() * 2 ** 32) >>> 0,
+    // absent: off
+    minP: samplingParam(body, "min_p"),
+    presencePenalty: samplingParam(body, "presence_penalty"),
+    frequencyPenalty: samplingParam(body, "frequency_penalty"),
+    repetitionPenalty: samplingParam(body, "repetition_penalty"),
+    logitBias: parseLogitBias(body, vocabSize),
   };
   const stream = optBool(body, "stream") ?? false;
   let includeUsage = false;

@@ -5,7 +5,7 @@
 import type { Context } from "hono";
 import { streamSSE } from "hono/streaming";
 import { send } from "./body.ts";
-import { ApiError } from "./errors.ts";
+import { ApiError, internalError, serverDraining } from "./errors.ts";
 import { type FinishReason, Generation, type GenerationRequest } from "./generation.ts";
 import type { GenParams } from "./params.ts";
 import type { ServerContext } from "./context.ts";
@@ -34,6 +34,8 @@ const usage = (prompt: number, completion: number) => ({
 /**
  * Runs the generation for `prompt` and answers: one object, or an SSE stream ending with
  * `data: [DONE]`. The client's disconnect (request signal, or the stream's abort) ends the job.
+ * A job the server aborts (shutdown past the drain timeout) ends a stream with finish_reason
+ * "abort" and answers a non-streaming request with a 503.
  */
 export async function respond(
   c: Context,
@@ -62,6 +64,9 @@ export async function respond(
   };
   if (!params.stream) {
     const r = await gen.collect();
+    if (r.finishReason === "abort") {
+      throw serverDraining("the server shut down before this request finished; retry it");
+    }
     return send(c, {
       ...head,
       choices: [format.choice(r.text, r.finishReason)],
@@ -89,8 +94,7 @@ export async function respond(
       }
     } catch (e) {
       // Headers are sent: report the error in the stream, as OpenAI does.
-      console.error("error during a stream:", e);
-      const error = e instanceof ApiError ? e : new ApiError(500, (e as Error).message);
+      const error = e instanceof ApiError ? e : internalError(e, "error during a stream");
       await stream.writeSSE({
         data: JSON.stringify({
           error: { message: error.message, type: error.type, param: error.param, code: error.code },

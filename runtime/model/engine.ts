@@ -15,11 +15,15 @@
  * row of a batched step depends only on its own sequence, so a job gives the same tokens whatever
  * runs beside it (greedy and sampled: the sampler's random numbers depend on seed and position
  * only).
+ *
+ * Shutdown: `drain()` refuses new jobs (EngineDrainingError) and resolves once every queued and
+ * running job has finished; `abortAll()` ends them all at once with finish reason "abort".
  */
 import type { GpuModel, SamplingParams } from "./model.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import type { GenerateStats } from "./generate.ts";
 import { ParameterError } from "../errors.ts";
+import { validateSamplingParams } from "./sampling.ts";
 
 export interface Job {
   prompt: number[];
@@ -28,6 +32,22 @@ export interface Job {
   stopIds: number[];
   /** Aborting removes the job (queued or running) at the next step. */
   signal?: AbortSignal;
+}
+
+/** Why a job ended: a stop id, its length, or `abortAll` ("abort"). */
+export type FinishReason = GenerateStats["finishReason"] | "abort";
+
+/** What `submit` returns when a job ends. */
+export interface JobStats extends Omit<GenerateStats, "finishReason"> {
+  finishReason: FinishReason;
+}
+
+/** Thrown by `submit` once `drain()` was called; the server answers 503. */
+export class EngineDrainingError extends Error {
+  constructor() {
+    super("the server is shutting down and accepts no new requests");
+    this.name = "EngineDrainingError";
+  }
 }
 
 /** Thrown by `submit` when the queue is full; the server answers 429. */
@@ -39,7 +59,10 @@ export class QueueFullError extends Error {
 }
 
 export interface EngineOptions {
-  /** Jobs allowed to wait for a slot (default 64). */
+  /**
+   * Jobs allowed to wait for a slot (default 64), besides those about to take a free slot: a
+   * burst of `maxQueue + slots` jobs is admitted whole.
+   */
   maxQueue?: number;
   /** Jobs running at once (default 8); each slot holds a KV cache of the model's context. */
   slots?: number;
@@ -65,7 +88,7 @@ interface Live {
   generated: number;
   /** Finished or abandoned: tokens still in flight for it are dropped. */
   done: boolean;
-  finishReason: GenerateStats["finishReason"];
+  finishReason: FinishReason;
   error: unknown;
   out: number[]; // tokens not yet taken by the consumer
   wake: (() => void) | null;
@@ -103,6 +126,9 @@ export class Engine {
   private readonly flights: Flight[] = [];
   private readonly pool: GPUBuffer[] = [];
   private looping = false;
+  private closed = false;
+  /** Resolved when the scheduler stops (nothing queued, running or in flight). */
+  private idleWaiters: (() => void)[] = [];
   /** The model the jobs run in: `model`, or a copy of it with `slots` slots. */
   private readonly batched: GpuModel;
 
@@ -132,12 +158,37 @@ export class Engine {
     return this.slots.filter((s) => s.live).length;
   }
 
+  /** Whether `drain()` was called: new jobs are refused. */
+  get draining(): boolean {
+    return this.closed;
+  }
+
+  /**
+   * Refuses new jobs from now on (`submit` throws EngineDrainingError) and resolves when every
+   * queued and running job has ended (at once when none is left).
+   */
+  drain(): Promise<void> {
+    this.closed = true;
+    if (!this.looping) return Promise.resolve();
+    return new Promise((r) => this.idleWaiters.push(r));
+  }
+
+  /**
+   * Ends every queued and running job now with finish reason "abort": each consumer gets the
+   * tokens already delivered to it, then the end. Returns how many jobs it ended.
+   */
+  abortAll(): number {
+    const live = [...this.queue, ...this.slots.map((s) => s.live)].filter((l) => l && !l.done);
+    for (const l of live) this.finish(l!, "abort");
+    return live.length;
+  }
+
   /**
    * Queues a job; yields its generated ids as they are produced and returns its stats. Throws
    * QueueFullError at once when the queue is full, ParameterError for a job that cannot run.
    * Stop ids are not yielded.
    */
-  async *submit(job: Job): AsyncGenerator<number, GenerateStats> {
+  async *submit(job: Job): AsyncGenerator<number, JobStats> {
     const live = this.admit(job);
     try {
       while (true) {
@@ -164,7 +215,10 @@ export class Engine {
     };
   }
 
-  /** Validates and queues a job (synchronously, so that errors reach the caller's first next). */
+  /**
+   * Validates and queues a job (synchronously, so that errors reach the caller's first next).
+   * The queue bound counts only jobs that will wait: those beyond the free slots.
+   */
   private admit(job: Job): Live {
     const n = job.prompt.length, ctx = this.model.ctx, V = this.model.config.vocabSize;
     if (n === 0) throw new ParameterError("the prompt must hold at least one token");
@@ -178,8 +232,11 @@ export class Engine {
     if (bad !== undefined) {
       throw new ParameterError(`token id ${bad} is outside the vocabulary [0, ${V})`);
     }
-    const depth = this.queueDepth;
-    if (depth >= (this.options.maxQueue ?? 64)) throw new QueueFullError(depth);
+    validateSamplingParams(job.sampling, V); // here, not in a step that other jobs share
+    if (this.closed) throw new EngineDrainingError();
+    const free = this.slots.filter((s) => !s.live || s.live.done).length;
+    const waiting = Math.max(0, this.queueDepth - free);
+    if (waiting >= (this.options.maxQueue ?? 64)) throw new QueueFullError(waiting);
     const live: Live = {
       id: this.nextId++,
       job,
@@ -212,7 +269,7 @@ export class Engine {
     return live;
   }
 
-  private finish(live: Live, reason: GenerateStats["finishReason"], error: unknown = null) {
+  private finish(live: Live, reason: FinishReason, error: unknown = null) {
     if (live.done) return;
     live.done = true;
     live.finishReason = reason;
@@ -347,6 +404,7 @@ export class Engine {
         if (!f) {
           if (this.queue.length === 0 && this.slots.every((s) => !s.live)) {
             this.looping = false; // in the same turn as the check: a later submit restarts it
+            this.idle();
             return;
           }
           // running jobs with nothing scheduled and nothing in flight cannot happen; be safe
@@ -371,6 +429,12 @@ export class Engine {
       for (const f of this.flights) f.done.then(() => f.staging.destroy(), () => {});
       this.flights.length = 0;
       this.looping = false;
+      this.idle();
     }
+  }
+
+  /** Wakes the callers of `drain()`. */
+  private idle() {
+    for (const r of this.idleWaiters.splice(0)) r();
   }
 }

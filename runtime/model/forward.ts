@@ -31,7 +31,8 @@ import {
   matmulQShape,
 } from "../../kernels/matmul_q.ts";
 import { attentionGrid, attentionGroup, attentionPipeline } from "../../kernels/attention.ts";
-import { sampleOptions, samplePipeline } from "../../kernels/sample.ts";
+import { type SampleOptions, sampleOptions, samplePipeline } from "../../kernels/sample.ts";
+import { adjustPipeline, historyPipeline } from "../../kernels/penalties.ts";
 
 /** One compute dispatch, its grid a function of the step's token count. */
 export interface Dispatch {
@@ -271,16 +272,43 @@ export class Builder {
     return { pipeline, bindGroup, grid: (n: number) => attentionGrid(v, n) };
   }
 
-  sample(vocab: number): Dispatch {
-    const opts = sampleOptions(this.gpu, vocab);
+  /**
+   * The sampler of the step's last token over state.logits, or, given (ntok, vocab) `logits`,
+   * the per-row sampler over them.
+   */
+  sample(vocab: number, logits?: GPUBuffer): Dispatch {
+    const cpu = sampleOptions(this.gpu, vocab);
+    const opts: SampleOptions = logits ? { wg: cpu.wg, perRow: true } : cpu;
     const pipeline = samplePipeline(this.gpu, vocab, opts);
-    const logits = opts.logitsUniform ? this.uniform(this.state.logits, vocab * 4) : null;
+    const uni = opts.logitsUniform ? this.uniform(this.state.logits, vocab * 4) : null;
     const bindGroup = this.bind(
       pipeline,
-      ["step", "logits", "tokens"],
-      logits ? { logits } : {},
-      "sample",
+      ["step", "logits", "tokens", "scfg", "hist"],
+      logits ? { logits } : uni ? { logits: uni } : {},
+      logits ? "sample_rows" : "sample",
     );
+    return { pipeline, bindGroup, grid: (n: number) => (logits ? [n] : [1]) };
+  }
+
+  /**
+   * Logit bias and penalties applied in place to `logits` (as `sample`), for the sampler after.
+   */
+  adjust(vocab: number, logits?: GPUBuffer): Dispatch {
+    const opts = { wg: sampleOptions(this.gpu, vocab).wg, perRow: logits !== undefined };
+    const pipeline = adjustPipeline(this.gpu, vocab, opts);
+    const bindGroup = this.bind(
+      pipeline,
+      ["step", "logits", "scfg", "hist"],
+      logits ? { logits } : {},
+      logits ? "adjust_rows" : "adjust",
+    );
+    return { pipeline, bindGroup, grid: (n: number) => (logits ? [n] : [1]) };
+  }
+
+  /** Resets the sampler history of the step's last row's slot to its prompt. */
+  history(vocab: number): Dispatch {
+    const pipeline = historyPipeline(this.gpu, vocab, this.gpu.isCpu ? 8 : 256);
+    const bindGroup = this.bind(pipeline, ["step", "tokens", "hist"], {}, "history");
     return { pipeline, bindGroup, grid: () => [1] };
   }
 }
@@ -292,6 +320,11 @@ export interface ForwardPlan {
   prefill: Dispatch[];
   /** After prefill and a copy of x's last row into xlast: logits and sampling. */
   prefillHead: Dispatch[];
+  /** `decode` and `prefillHead` with the logit bias and penalties applied before sampling. */
+  decodeAdjusted: Dispatch[];
+  prefillHeadAdjusted: Dispatch[];
+  /** Resets the sampler history of a sequence to its prompt (before a prefill's sampler). */
+  history: Dispatch;
 }
 
 export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunState): ForwardPlan {
@@ -321,14 +354,20 @@ export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunStat
   });
   // logits = rmsnorm(x) · Wcls; next token = sample(logits)
   decode.push(...b.matvec(w.lmHead, logits, { g: w.norm, y: s.logits }, eps, "logits"));
-  decode.push(b.sample(c.vocabSize));
+  const sample = b.sample(c.vocabSize), adjust = b.adjust(c.vocabSize);
+  const decodeAdjusted = [...decode, adjust, sample];
+  decode.push(sample);
 
   const prefill = layersPlan(b, c, w);
-  const prefillHead = [
-    ...b.matvec(w.lmHead, logits, { x: s.xlast, g: w.norm, y: s.logits }, eps, "logits"),
-    b.sample(c.vocabSize),
-  ];
-  return { decode, prefill, prefillHead };
+  const head = b.matvec(w.lmHead, logits, { x: s.xlast, g: w.norm, y: s.logits }, eps, "logits");
+  return {
+    decode,
+    prefill,
+    prefillHead: [...head, sample],
+    decodeAdjusted,
+    prefillHeadAdjusted: [...head, adjust, sample],
+    history: b.history(c.vocabSize),
+  };
 }
 
 /** Embedding and every layer for the step's tokens (prefill kernels). */
@@ -387,6 +426,17 @@ export function buildAllLogits(
   out: GPUBuffer,
 ): Dispatch[] {
   return logitsPlan(new Builder(gpu, s), c, w, out);
+}
+
+/** The per-row sampler over (ntok, vocab) logits in `out`, and the adjust kernel before it. */
+export function buildRowSampler(
+  gpu: Gpu,
+  c: ModelConfig,
+  s: RunState,
+  out: GPUBuffer,
+): { sample: Dispatch; adjust: Dispatch } {
+  const b = new Builder(gpu, s);
+  return { sample: b.sample(c.vocabSize, out), adjust: b.adjust(c.vocabSize, out) };
 }
 
 /** The final norm and the logits of every token of the step into `out` (ntok, vocab). */

@@ -110,6 +110,7 @@ export async function* generate(
       const r = reads.shift();
       if (!r) break;
       await r.done;
+      model.gpu.check("a decode step");
       const ids = new Uint32Array(r.staging.getMappedRange(0, r.count * 4).slice(0));
       r.staging.unmap();
       pool.push(r.staging);

@@ -6,6 +6,7 @@
 import type { Checkpoint } from "../checkpoint/checkpoint.ts";
 import { type ModelConfig, tensorNames as T } from "../checkpoint/config.ts";
 import { GpuError, ShapeError } from "../errors.ts";
+import { elementCount, tensorByteSizes } from "../format/lowbit_file.ts";
 import {
   bytesPer,
   DENSE_TEX_WIDTH,
@@ -334,9 +335,10 @@ export async function uploadWeights(
   let total = 0;
   for (const t of ckpt.tensors.values()) {
     if (t.name === T.lmHead && c.tiedEmbeddings) continue;
-    const n = t.shape.reduce((a, b) => a * b, 1);
-    total += n *
-      (t.dtype === "Q" ? t.quant!.bits / 8 : t.shape.length === 1 ? 4 : bytesPer(format));
+    if (t.dtype === "Q") {
+      const b = tensorByteSizes({ shape: t.shape, dtype: "Q", ...t.quant! });
+      total += b.data + b.sz; // codes and (s, z), as the uploader counts them
+    } else total += elementCount(t.shape) * (t.shape.length === 1 ? 4 : bytesPer(format));
   }
   const up = new Uploader(gpu, ckpt, format, onProgress, total);
   const embed = await up.matrix("embed", [T.embed]);

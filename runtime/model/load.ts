@@ -20,10 +20,11 @@ export async function loadModel(
   try {
     const tokenizer = await loadTokenizer(path, opts.tokenizer);
     const gpu = opts.gpu ?? await createGpu();
-    const model = await GpuModel.load(gpu, ckpt, {
-      ...opts,
-      onProgress: opts.onProgress ?? (opts.quiet ? undefined : progress(`loading ${path}`)),
-    });
+    const bar = opts.onProgress || opts.quiet
+      ? undefined
+      : progress(`loading ${path}`, { untilEnd: true });
+    const model = await GpuModel.load(gpu, ckpt, { ...opts, onProgress: opts.onProgress ?? bar });
+    bar?.end();
     return { gpu, model, tokenizer };
   } finally {
     ckpt.close();

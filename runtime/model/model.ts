@@ -6,20 +6,25 @@
 import type { Checkpoint } from "../checkpoint/checkpoint.ts";
 import type { ModelConfig } from "../checkpoint/config.ts";
 import { ParameterError } from "../errors.ts";
-import type { SamplingParams as HostSamplingParams } from "./sampling.ts";
+import {
+  adjustsLogits,
+  type SamplingParams as HostSamplingParams,
+  validateSamplingParams,
+} from "./sampling.ts";
 import { type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.ts";
 import { createRunState, type RunState } from "./run_state.ts";
 import {
   buildAllLogits,
   buildDecodeRows,
   buildForward,
+  buildRowSampler,
   type Dispatch,
   encodeDispatches,
   type ForwardPlan,
 } from "./forward.ts";
 import { type Gpu } from "../../kernels/gpu.ts";
 import { MAX_ROWS, packStep, type StepParams, type StepRow } from "../../kernels/common.ts";
-import { sampleOptions, samplePipeline } from "../../kernels/sample.ts";
+import { packSamplerConfig } from "../../kernels/penalties.ts";
 
 /** Host sampling parameters plus the seed of the GPU sampler's random numbers. */
 export type SamplingParams = HostSamplingParams & { seed: number };
@@ -52,7 +57,14 @@ export interface BatchRow {
 
 export class GpuModel {
   readonly plan: ForwardPlan;
-  private allLogits: { buffer: GPUBuffer; plan: Dispatch[]; sampleRows: Dispatch } | null = null;
+  private allLogits: {
+    buffer: GPUBuffer;
+    plan: Dispatch[];
+    sampleRows: Dispatch;
+    adjustRows: Dispatch;
+  } | null = null;
+  /** The sampling parameters each slot's sampler config was last written from. */
+  private readonly slotSampling: (SamplingParams | undefined)[] = [];
   /** decodeBatch's layers and logits for up to {@link BATCH_ROWS} rows (built on first use). */
   private rowsPlan: Dispatch[] | null = null;
 
@@ -84,9 +96,11 @@ export class GpuModel {
     if (!Number.isInteger(slots) || slots < 1) {
       throw new ParameterError(`slots must be a positive integer; got ${slots}`);
     }
-    const weights = await uploadWeights(gpu, ckpt, dtype, opts.onProgress);
-    const state = createRunState(gpu, c, ctx, maxT, slots);
-    return new GpuModel(gpu, c, weights, state);
+    return await gpu.validated("loading the model", async () => {
+      const weights = await uploadWeights(gpu, ckpt, dtype, opts.onProgress);
+      const state = createRunState(gpu, c, ctx, maxT, slots);
+      return new GpuModel(gpu, c, weights, state);
+    });
   }
 
   get ctx(): number {
@@ -126,17 +140,36 @@ export class GpuModel {
   ): void {
     if (!rows && slot !== 0) {
       const kvBase = slot * this.ctx, tokenBase = this.tokenBase(slot);
-      rows = Array.from({ length: ntok }, (_, t) => ({ pos: pos + t, kvBase, tokenBase }));
+      rows = Array.from({ length: ntok }, (_, t) => ({ pos: pos + t, kvBase, tokenBase, slot }));
     }
     const step: StepParams = { pos, ntok, ...s, rows };
     this.gpu.device.queue.writeBuffer(this.state.step, 0, packStep(step));
   }
 
   /**
+   * Writes `slot`'s sampler config (logit bias, penalties, min-p) from `s` unless it was last
+   * written from this very object (queued before the next submit, like the step uniform).
+   */
+  private useSampling(slot: number, s: SamplingParams): void {
+    if (this.slotSampling[slot] === s) return;
+    validateSamplingParams(s, this.config.vocabSize);
+    const cfg = packSamplerConfig({
+      logitBias: [...(s.logitBias ?? [])],
+      presencePenalty: s.presencePenalty ?? 0,
+      frequencyPenalty: s.frequencyPenalty ?? 0,
+      repetitionPenalty: s.repetitionPenalty ?? 1,
+      minP: s.minP ?? 0,
+    });
+    this.gpu.device.queue.writeBuffer(this.state.scfg, slot * cfg.byteLength, cfg);
+    this.slotSampling[slot] = s;
+  }
+
+  /**
    * Runs the tokens already written at [pos, pos + n) through the model in steps of maxT; when
-   * `sampling` is given, samples the next token into tokens[pos + n]. Returns the command
-   * buffers' submission (no wait). `extra` is encoded after the last step (e.g. a read-back copy).
-   * `slot` picks the sequence (KV cache and token buffer) it runs in.
+   * `sampling` is given, samples the next token into tokens[pos + n], and the sequence's
+   * sampling history (what its penalties see) restarts: tokens [0, pos + n) are its prompt.
+   * Returns the command buffers' submission (no wait). `extra` is encoded after the last step
+   * (e.g. a read-back copy). `slot` picks the sequence (KV cache and token buffer) it runs in.
    */
   prefill(
     pos: number,
@@ -151,6 +184,8 @@ export class GpuModel {
       );
     }
     const { device } = this.gpu;
+    this.tokenBase(slot);
+    if (sampling) this.useSampling(slot, sampling);
     for (let p = pos; p < pos + n; p += this.state.maxT) {
       const t = Math.min(this.state.maxT, pos + n - p);
       const last = p + t === pos + n;
@@ -163,7 +198,11 @@ export class GpuModel {
         const dim = this.config.dim;
         enc.copyBufferToBuffer(this.state.x, (t - 1) * dim * 4, this.state.xlast, 0, dim * 4);
         pass = enc.beginComputePass();
-        encodeDispatches(pass, this.plan.prefillHead, 1);
+        encodeDispatches(pass, [this.plan.history], 1);
+        const head = adjustsLogits(sampling)
+          ? this.plan.prefillHeadAdjusted
+          : this.plan.prefillHead;
+        encodeDispatches(pass, head, 1);
         pass.end();
       }
       if (last && extra) extra(enc);
@@ -199,8 +238,13 @@ export class GpuModel {
     if (pos >= this.ctx) {
       throw new ParameterError(`position ${pos} is past the context of ${this.ctx}`);
     }
+    this.useSampling(slot, sampling);
     this.writeStep(pos, 1, sampling, slot);
-    encodeDispatches(pass, this.plan.decode, 1);
+    encodeDispatches(
+      pass,
+      adjustsLogits(sampling) ? this.plan.decodeAdjusted : this.plan.decode,
+      1,
+    );
   }
 
   /**
@@ -223,7 +267,9 @@ export class GpuModel {
       if (!Number.isInteger(r.pos) || r.pos < 0 || r.pos >= this.ctx) {
         throw new ParameterError(`position ${r.pos} is past the context of ${this.ctx}`);
       }
-      return { pos: r.pos, kvBase: r.slot * this.ctx, tokenBase, sampling: r.sampling };
+      this.useSampling(r.slot, r.sampling);
+      const kvBase = r.slot * this.ctx;
+      return { pos: r.pos, kvBase, tokenBase, slot: r.slot, sampling: r.sampling };
     });
     const head = this.batchHead();
     this.writeStep(rows[0].pos, B, rows[B - 1].sampling, 0, stepRows);
@@ -243,6 +289,7 @@ export class GpuModel {
       encodeDispatches(pass, this.plan.prefill, B);
       encodeDispatches(pass, head.plan, B);
     }
+    if (rows.some((r) => adjustsLogits(r.sampling))) encodeDispatches(pass, [head.adjustRows], B);
     encodeDispatches(pass, [head.sampleRows], B);
     pass.end();
     extra?.(enc);
@@ -259,15 +306,8 @@ export class GpuModel {
         GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC,
       );
       const plan = buildAllLogits(this.gpu, this.config, this.weights, this.state, buffer);
-      const opts = { wg: sampleOptions(this.gpu, V).wg, perRow: true };
-      const pipeline = samplePipeline(this.gpu, V, opts);
-      const bindGroup = this.gpu.bindGroup(
-        pipeline,
-        [this.state.step, buffer, this.state.tokens],
-        "sample_rows",
-      );
-      const sampleRows: Dispatch = { pipeline, bindGroup, grid: (n: number) => [n] };
-      this.allLogits = { buffer, plan, sampleRows };
+      const rows = buildRowSampler(this.gpu, this.config, this.state, buffer);
+      this.allLogits = { buffer, plan, sampleRows: rows.sample, adjustRows: rows.adjust };
     }
     return this.allLogits;
   }
@@ -304,6 +344,7 @@ export class GpuModel {
     enc.copyBufferToBuffer(src, offset, staging, 0, bytes);
     device.queue.submit([enc.finish()]);
     await staging.mapAsync(GPUMapMode.READ);
+    this.gpu.check("a forward pass");
     const out = staging.getMappedRange().slice(0);
     staging.destroy();
     return out;

@@ -3,6 +3,7 @@ import { type ModelConfig, ropeInvFreq } from "../checkpoint/config.ts";
 import { type Gpu, STORAGE } from "../../kernels/gpu.ts";
 import { STEP_BYTES } from "../../kernels/common.ts";
 import type { KvSource } from "../../kernels/epilogue.ts";
+import { SAMPLER_CFG_WORDS } from "../../kernels/penalties.ts";
 
 export interface RunState {
   ctx: number; // positions the KV cache holds per slot
@@ -18,6 +19,10 @@ export interface RunState {
   h: GPUBuffer; // (maxT, hidden) FFN activation
   logits: GPUBuffer; // (vocab)
   rope: GPUBuffer; // (ctx, headDim/2) cos, sin
+  /** Per slot: the sampler config, SAMPLER_CFG_WORDS u32 (kernels/penalties.ts). */
+  scfg: GPUBuffer;
+  /** Per slot: the sampler history, vocab u32 (prompt flag, times generated). */
+  hist: GPUBuffer;
   /** KV cache layout (kernels/epilogue.ts KvSource): textures on CPU adapters. */
   kv: KvSource;
   kcache: (GPUBuffer | GPUTexture)[]; // per layer (slots·ctx, nKvHeads·headDim)
@@ -86,9 +91,11 @@ export function createRunState(
     h: f32("h", maxT * c.hiddenDim),
     logits: f32("logits", c.vocabSize),
     rope: gpu.upload("rope", table),
+    scfg: gpu.buffer("scfg", slots * SAMPLER_CFG_WORDS * 4, STORAGE | GPUBufferUsage.COPY_DST),
+    hist: gpu.buffer("hist", slots * c.vocabSize * 4, STORAGE),
     kv,
     kcache: Array.from({ length: c.nLayers }, (_, l) => cache(`kcache.${l}`)),
     vcache: Array.from({ length: c.nLayers }, (_, l) => cache(`vcache.${l}`)),
-    bytes: bytes + table.byteLength,
+    bytes: bytes + table.byteLength + slots * (SAMPLER_CFG_WORDS + c.vocabSize) * 4,
   };
 }
