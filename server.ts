@@ -203,7 +203,8 @@ const USAGE = `usage: deno task serve [options]
   --api-key KEY           require Authorization: Bearer KEY (also $LOWBIT_API_KEY)
   --api-key-file PATH     the same, the key read from a file (trimmed)
   --metrics-public        serve /metrics without the API key (/health never needs it)
-  --cors ORIGIN           allow browser pages of ORIGIN (repeatable, comma list, or *)`;
+  --cors ORIGIN           allow browser pages of ORIGIN (repeatable, comma list, or *)
+  --adapter NAME|N        Vulkan driver to use (\`--adapter list\` lists them)`;
 
 async function main(args: string[]): Promise<void> {
   const { values: a } = parseCli({

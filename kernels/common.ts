@@ -72,7 +72,7 @@ export function packStep(s: StepParams): ArrayBuffer {
   u[0] = s.pos;
   u[1] = s.ntok;
   u[2] = s.seed >>> 0;
-  u[3] = s.topK;
+  u[3] = Math.max(0, s.topK); // −1 (vLLM's off) as 0
   f[4] = s.temperature;
   f[5] = s.topP;
   if (s.rows) {
@@ -94,7 +94,7 @@ export function packStep(s: StepParams): ArrayBuffer {
     const p = s.rows?.[t]?.sampling ?? s;
     u[S + 4 * t] = p.seed >>> 0;
     f[S + 4 * t + 1] = p.temperature;
-    u[S + 4 * t + 2] = p.topK;
+    u[S + 4 * t + 2] = Math.max(0, p.topK);
     f[S + 4 * t + 3] = p.topP;
   }
   return buf;

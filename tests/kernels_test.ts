@@ -1060,6 +1060,7 @@ for (const opts of SAMPLERS) {
           { topK: 1, topP: 1 },
           { topK: 7, topP: 1 },
           { topK: vocab + 5, topP: 1 }, // off
+          { topK: -1, topP: 1 }, // off, as vLLM writes it
           { topK: 0, topP: topPAt(p, 4) },
           { topK: 0, topP: topPAt(p, 11) },
           // narrow margins (1e-3 of the mass) on either side of a cut

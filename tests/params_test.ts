@@ -182,7 +182,7 @@ Deno.test("generate's sampling options follow the server's rules, with the same 
   const outside: Record<SamplingName, number[]> = {
     temperature: [-1, 2.5],
     top_p: [0, 1.5],
-    top_k: [-1, 2.5],
+    top_k: [-2, 2.5],
     min_p: [-0.5, 1.5],
     presence_penalty: [-3, 2.5],
     frequency_penalty: [-2.5, 3],

@@ -213,7 +213,7 @@ Deno.test("validateSamplingParams names each parameter out of its range", () => 
   const bad: [Partial<SamplingParams>, string][] = [
     [{ temperature: 2.5 }, "temperature must be a number ≥ 0 and ≤ 2; got 2.5"],
     [{ topP: 1.5 }, "top_p must be a number > 0 and ≤ 1; got 1.5"],
-    [{ topK: -1 }, "top_k must be an integer ≥ 0; got -1"],
+    [{ topK: -2 }, "top_k must be an integer ≥ -1; got -2"],
     [{ minP: 1.1 }, "min_p must be a number ≥ 0 and ≤ 1; got 1.1"],
     [{ presencePenalty: -3 }, "presence_penalty must be a number ≥ -2 and ≤ 2; got -3"],
     [{ frequencyPenalty: NaN }, "frequency_penalty must be a number ≥ -2 and ≤ 2; got NaN"],

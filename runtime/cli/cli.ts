@@ -122,17 +122,12 @@ function parseArgsProblem(e: Error): string {
   return e.message.split("\n")[0];
 }
 
-/** The option every command takes: which WebGPU adapter to use (kernels/adapter.ts). */
-export const ADAPTER_USAGE =
-  "  --adapter NAME|INDEX    Vulkan driver to use (`--adapter list` lists them; default\n" +
-  "                          $LOWBIT_ADAPTER, else the GPU WebGPU prefers)";
-
 /**
  * node:util's parseArgs for the CLIs: `--temperature -1` reaches the option's range check (plain
  * parseArgs calls it ambiguous), and parseArgs' own errors (unknown option, missing value)
- * become one-line ParameterErrors that point to --help. Every command also takes `--adapter`
- * ({@link ADAPTER_USAGE}): it is checked here and handed to createGpu through LOWBIT_ADAPTER,
- * and `--adapter list` prints the installed drivers and exits.
+ * become one-line ParameterErrors that point to --help. Every command also takes
+ * `--adapter NAME|INDEX` (the Vulkan driver to use, kernels/adapter.ts): it is checked here and
+ * handed to createGpu through LOWBIT_ADAPTER; `--adapter list` prints the drivers and exits.
  */
 export function parseCli<T extends ParseArgsConfig & { args: string[] }>(
   config: T,

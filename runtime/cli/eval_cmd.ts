@@ -27,7 +27,8 @@ const USAGE = `usage: deno task eval --model PATH --text FILE [options]
   --per-line           score each non-empty line on its own (BOS first)
   --cpu                run the float64 CPU reference instead of the GPU (slow, exact)
   --dtype auto|f32|f16 weight storage on the GPU (default auto: as the checkpoint)
-  --json               print the result as JSON`;
+  --json               print the result as JSON
+  --adapter NAME|N     Vulkan driver to use (\`--adapter list\` lists them)`;
 
 function posInt(name: string, v: string | undefined): number | undefined {
   if (v === undefined) return undefined;

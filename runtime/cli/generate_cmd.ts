@@ -28,14 +28,16 @@ const USAGE = `usage: deno task generate --model PATH [options]
   --max-tokens N       tokens to generate (default 256)
   --temperature T      0 = greedy (default 0.8)
   --top-p P            nucleus sampling, 1 = off (default 0.9)
-  --top-k K            0 = off (default 0)
+  --top-k K            0 or -1 = off (default 0)
   --min-p P            drop tokens below P × the top token's probability, 0 = off (default 0)
   --presence-penalty X    penalize tokens already generated, in [-2, 2] (default 0)
   --frequency-penalty X   penalize them per occurrence, in [-2, 2] (default 0)
   --repetition-penalty X  vLLM's, over prompt and output, in [0.01, 100]; 1 = off (default 1)
   --seed S             sampling seed (default: random)
   --dtype auto|f32|f16 weight storage on the GPU (default auto: as the checkpoint)
-  --ctx N              context length (default: the model's, at most 2048)`;
+  --ctx N              context length (default: the model's, at most 2048)
+  --adapter NAME|N     Vulkan driver to use (\`--adapter list\` lists them; default
+                       $LOWBIT_ADAPTER, else the GPU WebGPU prefers)`;
 
 /**
  * The value of sampling option `--top-p` (for top_p, and so on), checked with the server's rule:

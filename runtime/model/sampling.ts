@@ -11,7 +11,7 @@ import { ParameterError } from "../errors.ts";
 export type Logits = Float32Array | Float64Array;
 
 /**
- * Sampling parameters. temperature 0 = greedy; topK 0 = off; topP 1 = off. The optional ones are
+ * Sampling parameters. temperature 0 = greedy; topK 0 (or −1) = off; topP 1 = off. The optional ones are
  * off when absent: minP 0, presencePenalty and frequencyPenalty 0, repetitionPenalty 1, no bias.
  */
 export interface SamplingParams {
@@ -71,7 +71,7 @@ export function inRange(v: number, r: NumberRange): boolean {
 export const SAMPLING_RANGES = {
   temperature: { min: 0, max: 2 },
   top_p: { min: 0, max: 1, gtMin: true },
-  top_k: { min: 0, integer: true },
+  top_k: { min: -1, integer: true }, // 0 and −1 (vLLM's) = off
   min_p: { min: 0, max: 1 },
   presence_penalty: { min: -2, max: 2 },
   frequency_penalty: { min: -2, max: 2 },
