@@ -642,8 +642,15 @@ export class BlockMath {
   /**
    * Backpropagates dL/d(out) (T, dim) of the latest forward pass, adding into `grads`; writes
    * dL/dx into `dx` (T, dim) when given. Biases get no gradient (they are not tuned).
+   * `onOutputGrad`, when given, sees each linear's output gradient dL/dY (T, N) (q and k before
+   * RoPE), e.g. to measure output sensitivities (quantize/distortion.ts).
    */
-  backward(dOut: FloatArray, grads: BlockGrads, dx?: Float64Array): void {
+  backward(
+    dOut: FloatArray,
+    grads: BlockGrads,
+    dx?: Float64Array,
+    onOutputGrad?: (key: LinearKey, dY: Float64Array) => void,
+  ): void {
     const T = this.#T, c = this.#c, { dim, hiddenDim: hid, qDim, kvDim } = this;
     if (T === 0 || dOut.length !== T * dim) {
       throw new ShapeError(`block: backward needs dOut (${T}, ${dim}) of the latest forward`);
@@ -653,12 +660,16 @@ export class BlockMath {
     dO.set(dOut);
     // out = h + m·W2ᵀ.
     dh.set(dO.subarray(0, T * dim));
+    onOutputGrad?.("w2", dO.subarray(0, T * dim));
     linearBackward(dO, this.#m, Wt.w2, T, dim, hid, gW.w2, this.#dm, false, tA, tB);
     siluMulBackward(this.#dm, this.#a, this.#b, this.#da, this.#db, T * hid);
+    onOutputGrad?.("w1", this.#da.subarray(0, T * hid));
+    onOutputGrad?.("w3", this.#db.subarray(0, T * hid));
     linearBackward(this.#da, this.#xn2, Wt.w1, T, hid, dim, gW.w1, this.#dxn, false, tA, tB);
     linearBackward(this.#db, this.#xn2, Wt.w3, T, hid, dim, gW.w3, this.#dxn, true, tA, tB);
     rmsnormBackward(this.#dxn, this.#h, this.#inv2, this.#g2, T, dim, dh, grads.ffnNorm);
     // h = x + att·Woᵀ.
+    onOutputGrad?.("wo", dh.subarray(0, T * dim));
     linearBackward(dh, this.#att, Wt.wo, T, dim, qDim, gW.wo, this.#datt, false, tA, tB);
     const dq = this.#dq, dk = this.#dk, dv = this.#dv;
     attentionBackward(
@@ -675,6 +686,9 @@ export class BlockMath {
     );
     rope(dq, T, c.nHeads, c.headDim, this.#cos, this.#sin, true);
     rope(dk, T, c.nKvHeads, c.headDim, this.#cos, this.#sin, true);
+    onOutputGrad?.("wq", dq.subarray(0, T * qDim));
+    onOutputGrad?.("wk", dk.subarray(0, T * kvDim));
+    onOutputGrad?.("wv", dv.subarray(0, T * kvDim));
     linearBackward(dq, this.#xn1, Wt.wq, T, qDim, dim, gW.wq, this.#dxn, false, tA, tB);
     linearBackward(dk, this.#xn1, Wt.wk, T, kvDim, dim, gW.wk, this.#dxn, true, tA, tB);
     linearBackward(dv, this.#xn1, Wt.wv, T, kvDim, dim, gW.wv, this.#dxn, true, tA, tB);

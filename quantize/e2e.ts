@@ -150,7 +150,8 @@ export class ModelMath {
   }
 }
 
-function logSumExp(a: Float64Array, o: number, n: number): number {
+/** log Σ exp(a[o..o+n)), computed stably. */
+export function logSumExp(a: Float64Array, o: number, n: number): number {
   let m = -Infinity;
   for (let i = 0; i < n; i++) if (a[o + i] > m) m = a[o + i];
   let s = 0;

@@ -11,7 +11,7 @@
  * which is what decoupleQ's integer step needs ({@link gptqRound}).
  */
 
-import { ParameterError, ShapeError } from "../runtime/errors.ts";
+import { NumericalError, ParameterError, ShapeError } from "../runtime/errors.ts";
 import { LayerQuantizer, type QuantizeResult } from "./hessian.ts";
 import { hinvUpperCholesky } from "./linalg.ts";
 import {
@@ -179,6 +179,47 @@ export interface GptqOptions {
   blocksize?: number;
   /** Clipping search for the static group (s, z); default "none" (min/max, as gptq.py). */
   clip?: ClipCriterion;
+  /** The layer's name, for messages (default: its shape). */
+  layer?: string;
+  /** A precomputed {@link gptqPlan} of H (shared by trial quantizations of one layer). */
+  plan?: GptqPlan;
+}
+
+/** Index of the first NaN or ±Inf of `a`, or −1. */
+function nonFiniteAt(a: Float32Array | Float64Array): number {
+  for (let i = 0; i < a.length; i++) {
+    // x − x is 0 for every finite x and NaN for NaN and ±Inf: one subtraction per entry
+    if (a[i] - a[i] !== 0) return i;
+  }
+  return -1;
+}
+
+/**
+ * Throws a NumericalError naming the layer when W (·, K) or H (K, K) holds NaN or Inf: no
+ * damping repairs that, so GPTQ must not get as far as its Cholesky factorization (which would
+ * ask for more).
+ */
+function checkFinite(
+  W: Float32Array | Float64Array,
+  K: number,
+  H: Float64Array,
+  layer: string,
+): void {
+  const w = nonFiniteAt(W);
+  if (w >= 0) {
+    throw new NumericalError(
+      `gptq: layer ${layer} holds non-finite weights (W[${Math.floor(w / K)}, ${w % K}] = ` +
+        `${W[w]}); no damping repairs that: check the checkpoint`,
+    );
+  }
+  const h = nonFiniteAt(H);
+  if (h >= 0) {
+    throw new NumericalError(
+      `gptq: layer ${layer} has non-finite calibration statistics (H[${Math.floor(h / K)}, ` +
+        `${h % K}] = ${H[h]}): its inputs hold NaN or Inf, from non-finite weights or ` +
+        `activations earlier in the model`,
+    );
+  }
 }
 
 /** GPTQ of W (N, K) under a finalized (damped) H (K, K), with static groups. */
@@ -190,11 +231,15 @@ export function gptqQuantize(
   opts: GptqOptions,
 ): QuantizedLinear {
   const { bits, groupSize } = opts;
+  if (W.length !== N * K || H.length !== K * K) {
+    throw new ShapeError(`gptq: W has ${W.length}, H ${H.length} entries; (${N}, ${K})`);
+  }
+  checkFinite(W, K, H, opts.layer ?? `(${N}×${K})`);
   const sz = minMaxScaleZero(W, N, K, bits, groupSize, {
     clip: opts.clip,
     Hdiag: diagonal(H, K),
   });
-  const plan = gptqPlan(H, K, opts.actorder ?? true);
+  const plan = opts.plan ?? gptqPlan(H, K, opts.actorder ?? true);
   const q = gptqRound(W, N, K, bits, groupSize, sz, plan, opts.blocksize);
   return {
     N,

@@ -7,10 +7,12 @@ import { openCheckpoint } from "../runtime/checkpoint/open_checkpoint.ts";
 import { loadTokenizer } from "../runtime/tokenizer/load_tokenizer.ts";
 import { expectedShapes, tensorNames as T } from "../runtime/checkpoint/config.ts";
 import { ParameterError } from "../runtime/errors.ts";
+import { checkInputFile, checkOutputFile } from "../runtime/cli/cli.ts";
 import { createLowbitWriter } from "../runtime/format/lowbit_writer.ts";
 import type { LowbitTensorSpec } from "../runtime/format/lowbit_file.ts";
 import { createGpu } from "../kernels/gpu.ts";
 import { calibrationSequences } from "./calibration.ts";
+import { SELF_CALIBRATION, selfCalibrationSequences } from "./self_calibration.ts";
 import {
   type BlockReport,
   type LayerReport,
@@ -22,6 +24,15 @@ import { rtnQuantize } from "./rtn.ts";
 import type { Bits, QuantizedLinear } from "../runtime/format/qtensor.ts";
 import type { PackedTensor } from "../runtime/checkpoint/checkpoint.ts";
 import { type E2EReport, tuneLowbitFile } from "./e2e_file.ts";
+import { type TeqRecord, type TeqSettings, teqTransform } from "./teq.ts";
+import {
+  allocateFormats,
+  type Allocation,
+  blockLinears,
+  budgetBitsPerWeight,
+  type BudgetOptions,
+  fixedBytes,
+} from "./mixed.ts";
 
 export interface QuantizeModelOptions {
   model: string;
@@ -30,7 +41,10 @@ export interface QuantizeModelOptions {
   method: Method;
   bits: Bits;
   groupSize: number;
-  /** Calibration text and sampling; required for gptq and decoupleq. */
+  /**
+   * Calibration text (`path`, or "self": sequences sampled from the float model) and sampling;
+   * required for gptq and decoupleq.
+   */
   calib?: { path: string; seqLen?: number; samples: number; seed: number };
   iters?: number;
   /** CPU threads for decoupleQ stage 1 (default: all cores). */
@@ -54,6 +68,17 @@ export interface QuantizeModelOptions {
   e2e?: { epochs: number; lr?: number; samples: number; windows?: boolean } | null;
   /** Hessian damping as a fraction of its mean diagonal (default 0.01). */
   percdamp?: number;
+  /**
+   * TEQ before quantization ({@link teqTransform}): per-channel scales trained on the
+   * calibration sequences (or loaded) are folded into the float weights, and the chosen method
+   * quantizes the transformed model.
+   */
+  teq?: TeqSettings | null;
+  /**
+   * Mixed precision to a budget (quantize/mixed.ts): each block linear's format chosen by an
+   * allocator before the sequential pass; `bits`/`groupSize` then apply to the logits layer only.
+   */
+  budget?: BudgetOptions | null;
   log?: (line: string) => void;
 }
 
@@ -64,6 +89,9 @@ export interface QuantizeModelResult {
   layers: LayerReport[];
   blocks: BlockReport[];
   e2e: E2EReport | null;
+  teq: TeqRecord | null;
+  /** The mixed-precision allocation: per linear, each candidate's D, E, G² and the choice. */
+  allocation: (Allocation["record"] & { rows: Allocation["rows"]; seconds: number }) | null;
 }
 
 const LINEARS = [T.wq, T.wk, T.wv, T.wo, T.w1, T.w3, T.w2];
@@ -75,36 +103,100 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
   }
   if (o.stage2 && !o.calib) throw new ParameterError("--stage2 needs --calib FILE");
   if (o.e2e && !o.calib) throw new ParameterError("--e2e-epochs needs --calib FILE");
+  if (o.teq && !o.calib) throw new ParameterError("--teq needs --calib FILE (or self)");
   if (o.threads !== undefined && !(Number.isInteger(o.threads) && o.threads >= 1)) {
     throw new ParameterError(`--threads must be a positive integer; got ${o.threads}`);
   }
-  const ckpt = await openCheckpoint(o.model);
+  // files first: a run must not spend minutes, then fail on a path
+  if (o.calib && o.calib.path !== SELF_CALIBRATION) await checkInputFile("--calib", o.calib.path);
+  await checkOutputFile("--out", o.out);
+  if (o.teq?.load) await checkInputFile("--teq-load", o.teq.load);
+  if (o.teq?.save) await checkOutputFile("--teq-save", o.teq.save);
+  if (o.method === "rtn" && o.calib) {
+    log(
+      "rtn with --calib: each group's clipping range is searched against the calibration " +
+        "data's input statistics (diag H); without --calib, RTN is data-free (plain min/max)",
+    );
+  }
+  let ckpt = await openCheckpoint(o.model);
   try {
+    const tokenizer = await loadTokenizer(o.model, o.tokenizer);
+    // an unreachable budget is an error before any work
+    const budgetTarget = o.budget ? checkedBudget(o, ckpt, tokenizer.toData()) : null;
+    const gpu = o.calib ? await createGpu() : null;
+    let sample: ((samples: number, windows?: boolean) => number[][] | Promise<number[][]>) | null =
+      null;
+    if (o.calib) {
+      const calib = o.calib, seqLen = calib.seqLen ?? Math.min(ckpt.config.seqLen, 512);
+      if (calib.path === SELF_CALIBRATION) {
+        if (o.e2e?.windows) {
+          throw new ParameterError(
+            "--e2e-windows cuts a calibration text; --calib self has none",
+          );
+        }
+        sample = (count) =>
+          selfCalibrationSequences(gpu!, ckpt, tokenizer, {
+            count,
+            seqLen,
+            seed: calib.seed,
+            log,
+          });
+      } else {
+        const text = await Deno.readTextFile(calib.path);
+        sample = (samples, windows) =>
+          calibrationSequences(tokenizer, text, { seqLen, samples, seed: calib.seed, windows });
+      }
+    }
+    // TEQ transforms the float weights; the chosen method then quantizes the transformed model
+    let teq: TeqRecord | null = null, teqSeqs: number[][] | null = null;
+    if (o.teq) {
+      teqSeqs = await sample!(o.calib!.samples);
+      ({ ckpt, record: teq } = await teqTransform(gpu!, ckpt, teqSeqs, {
+        ...o.teq,
+        method: o.method,
+        bits: o.bits,
+        groupSize: o.groupSize,
+        quantizeHead: o.quantizeHead ?? false,
+        log,
+      }));
+    }
     const src = ckpt.config;
     // a packed logits layer is a tensor of its own, even where the checkpoint ties it
     const c = o.quantizeHead ? { ...src, tiedEmbeddings: false } : src;
-    const tokenizer = await loadTokenizer(o.model, o.tokenizer);
     const linear = new Set(
       Array.from({ length: c.nLayers }, (_, l) => LINEARS.map((f) => f(l))).flat(),
     );
     if (o.quantizeHead) linear.add(T.lmHead);
     const quant = { bits: o.bits, groupSize: o.groupSize };
+    let mixed: Allocation | null = null;
+    if (o.budget) {
+      if (o.calib) teqSeqs ??= await sample!(o.calib.samples);
+      mixed = await allocateFormats(gpu, ckpt, teqSeqs, budgetTarget!, {
+        ...o.budget,
+        method: o.method,
+        iters: o.iters,
+        percdamp: o.percdamp,
+      }, log);
+    }
     const tensors: LowbitTensorSpec[] = [...expectedShapes(c)].map(([name, shape]) =>
       linear.has(name)
-        ? { name, shape, dtype: "Q" as const, quant }
+        ? { name, shape, dtype: "Q" as const, quant: mixed?.formats[name] ?? quant }
         : { name, shape, dtype: shape.length === 1 ? "F32" as const : "F16" as const }
     );
     const quantization = {
       method: o.method,
-      ...quant,
+      ...(mixed ? {} : quant),
+      allocation: mixed?.record,
       iters: o.iters ?? null,
       quantizeHead: o.quantizeHead ?? false,
       stage2: o.stage2 ?? null,
       percdamp: o.percdamp ?? 0.01,
       calib: o.calib ?? null,
+      teq,
       source: o.model,
     };
-    const resumeState = new ResumeState(o.out, JSON.stringify(quantization));
+    // the key holds TEQ's settings, not its measured results (a resumed run trains again)
+    const resumeState = new ResumeState(o.out, JSON.stringify({ ...quantization, teq: o.teq }));
     const state = o.resume ? await resumeState.load() : null;
     if (o.resume && !state) log(`nothing to resume for ${o.out}: starting from the beginning`);
     if (state) log(`resuming ${o.out} at block ${state.next} of ${c.nLayers}`);
@@ -118,8 +210,6 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     };
     let reports: { layers: LayerReport[]; blocks: BlockReport[] } = { layers: [], blocks: [] };
     let calibTokens = 0;
-    let sample: ((samples: number, windows?: boolean) => number[][]) | null = null;
-    const gpu = o.calib ? await createGpu() : null;
     try {
       // float tensors other than the block norms (which stage 2 may tune) first, one at a time
       const blockNorms = new Set(
@@ -134,21 +224,14 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         linear: (name: string, ql: QuantizedLinear) => write(name, packQ(ql)),
         norm: (name: string, g: Float32Array) => write(name, g),
       };
-      if (o.calib) {
-        const text = await Deno.readTextFile(o.calib.path), calib = o.calib;
-        sample = (samples, windows) =>
-          calibrationSequences(tokenizer, text, {
-            seqLen: calib.seqLen ?? Math.min(c.seqLen, 512),
-            samples,
-            seed: calib.seed,
-            windows,
-          });
-        const seqs = sample(calib.samples);
+      if (o.calib && sample) {
+        const seqs = teqSeqs ?? await sample(o.calib.samples);
         calibTokens = seqs.reduce((n, s) => n + s.length, 0);
         log(`calibration: ${seqs.length} sequences, ${calibTokens} tokens`);
         reports = await quantizeSequential(gpu!, ckpt, seqs, {
           method: o.method,
           ...quant,
+          formats: mixed?.formats,
           iters: o.iters,
           threads: o.threads,
           quantizeHead: o.quantizeHead,
@@ -173,7 +256,8 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
           // the logits layer of a tied checkpoint is its embedding
           const from = name === T.lmHead && src.tiedEmbeddings ? T.embed : name;
           const [N, K] = ckpt.tensors.get(from)!.shape;
-          await sink.linear(name, rtnQuantize(await ckpt.read(from), N, K, quant));
+          const f = mixed?.formats[name] ?? quant;
+          await sink.linear(name, rtnQuantize(await ckpt.read(from), N, K, f));
           log(`rtn ${name} (${N}×${K})`);
         }
       }
@@ -183,17 +267,54 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
     }
     await writer.close();
     await resumeState.remove();
+    const budget = o.budget?.budget;
+    if (budget && "bytes" in budget) {
+      const size = (await Deno.stat(o.out)).size;
+      if (size > budget.bytes) {
+        throw new Error(`${o.out}: ${size} bytes exceed --size-budget ${budget.bytes} (a bug)`);
+      }
+    }
     let e2e: E2EReport | null = null;
     if (o.e2e && sample) {
-      e2e = await tuneLowbitFile(gpu!, ckpt, sample(o.e2e.samples, o.e2e.windows), o.out, {
+      e2e = await tuneLowbitFile(gpu!, ckpt, await sample(o.e2e.samples, o.e2e.windows), o.out, {
         ...o.e2e,
         log,
       });
     }
-    return { seconds: (performance.now() - t0) / 1000, calibTokens, ...reports, e2e };
+    const allocation = mixed ? { ...mixed.record, rows: mixed.rows, seconds: mixed.seconds } : null;
+    return {
+      seconds: (performance.now() - t0) / 1000 + (mixed?.seconds ?? 0),
+      calibTokens,
+      ...reports,
+      e2e,
+      teq,
+      allocation,
+    };
   } finally {
     ckpt.close();
   }
+}
+
+/** The budget of `o` as bits per weight over the block linears; throws when unreachable. */
+function checkedBudget(
+  o: QuantizeModelOptions,
+  ckpt: Awaited<ReturnType<typeof openCheckpoint>>,
+  tokenizer: unknown,
+): number {
+  if (o.quantizeHead) {
+    throw new ParameterError("--quantize-head is not supported with a size or bits budget");
+  }
+  const c = ckpt.config, linear = new Set(blockLinears(ckpt).map((l) => l.name));
+  const tensors = [...expectedShapes(c)].map(([name, shape]) => ({
+    name,
+    shape,
+    dtype: linear.has(name) ? "Q" as const : shape.length === 1 ? "F32" as const : "F16" as const,
+  }));
+  return budgetBitsPerWeight(
+    o.budget!,
+    blockLinears(ckpt),
+    fixedBytes({ config: c, tokenizer, tensors }),
+  );
 }
 
 interface SavedState {

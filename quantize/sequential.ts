@@ -22,6 +22,8 @@ export interface SequentialOptions {
   method: Method;
   bits: Bits;
   groupSize: number; // 0 = per row
+  /** Per-linear formats (mixed precision, quantize/mixed.ts): override bits and groupSize. */
+  formats?: Record<string, { bits: Bits; groupSize: number }> | null;
   /** decoupleQ alternations. */
   iters?: number;
   /** Also measure the RTN and GPTQ losses of every layer for the report (default true). */
@@ -75,7 +77,8 @@ export interface BlockReport {
   ms: number;
 }
 
-const GROUPS: { capture: Capture; keys: string[] }[] = [
+/** The linears of a block by the capture that gives their inputs, in quantization order. */
+export const GROUPS: { capture: Capture; keys: string[] }[] = [
   { capture: CAPTURE.qkvInput, keys: ["wq", "wk", "wv"] },
   { capture: CAPTURE.oInput, keys: ["wo"] },
   { capture: CAPTURE.gateUpInput, keys: ["w1", "w3"] },
@@ -98,6 +101,7 @@ export async function embedInputs(ckpt: Checkpoint, seqs: number[][]): Promise<F
 
 /** Quantizes one linear layer under H with the chosen method (and the others, to compare). */
 async function quantizeLinear(
+  name: string,
   W: Float32Array,
   N: number,
   K: number,
@@ -105,7 +109,7 @@ async function quantizeLinear(
   opts: SequentialOptions,
 ): Promise<{ ql: QuantizedLinear; loss: LayerReport["loss"] }> {
   const { W: W64, H } = calibratedLayer(W, N, K, hessian, opts.percdamp);
-  const { bits, groupSize } = opts;
+  const { bits, groupSize } = opts.formats?.[name] ?? opts;
   const rel = (ql: QuantizedLinear) =>
     layerLoss(W64, dequantize(ql, new Float64Array(N * K)), H, N, K).relative;
   const loss: LayerReport["loss"] = {};
@@ -117,7 +121,8 @@ async function quantizeLinear(
     if (opts.method === "rtn") ql = r;
   }
   if (opts.method === "gptq" || compare) {
-    const g = gptqQuantize(W64, N, K, H, { bits, groupSize });
+    // the same H-weighted clipping search of the static groups as RTN's
+    const g = gptqQuantize(W64, N, K, H, { bits, groupSize, layer: name, clip: "hdiag" });
     loss.gptq = rel(g);
     if (opts.method === "gptq") ql = g;
   }
@@ -163,12 +168,17 @@ export async function quantizeSequential(
         const name = linearName(key, l);
         const [N] = ckpt.tensors.get(name)!.shape;
         const t0 = performance.now();
-        const { ql, loss } = await quantizeLinear(await ckpt.read(name), N, K, hessian, opts);
+        const { ql, loss } = await quantizeLinear(name, await ckpt.read(name), N, K, hessian, opts);
         const ms = performance.now() - t0;
         runner.setLinear(key, Float32Array.from(dequantize(ql, new Float64Array(N * K))));
         qls[key as LinearKey] = ql;
         layers.push({ layer: l, name, N, K, ms, loss });
-        log(`layer ${l} ${key} (${N}×${K}): relative loss ${lossText(loss)} (${ms.toFixed(0)} ms)`);
+        const fmt = opts.formats ? `, W${ql.bits} g${ql.groupSize}` : "";
+        log(
+          `layer ${l} ${key} (${N}×${K}${fmt}): relative loss ${lossText(loss)} (${
+            ms.toFixed(0)
+          } ms)`,
+        );
       }
       hessian.free();
     }
@@ -215,7 +225,7 @@ export async function quantizeSequential(
     inputs.forEach((x, i) => hessian.addBatch(finalNorm(x, g, c.normEps), seqs[i].length));
     const t0 = performance.now();
     const W = await ckpt.read(c.tiedEmbeddings ? T.embed : T.lmHead);
-    const { ql, loss } = await quantizeLinear(W, N, K, hessian, opts);
+    const { ql, loss } = await quantizeLinear(name, W, N, K, hessian, opts);
     const ms = performance.now() - t0;
     hessian.free();
     await sink.linear(name, ql);

@@ -93,12 +93,16 @@ export interface Stage2Result {
 
 const BETA1 = 0.9, BETA2 = 0.999, ADAM_EPS = 1e-8;
 
-/** One tensor Adam updates, with its own learning rate. */
-class AdamParam {
+/** One tensor Adam updates, with its own learning rate (and betas: Adam's by default). */
+export class AdamParam {
   readonly grad: Float64Array;
   readonly #m: Float64Array;
   readonly #v: Float64Array;
-  constructor(readonly value: Float64Array, readonly lr: number) {
+  constructor(
+    readonly value: Float64Array,
+    readonly lr: number,
+    readonly betas: readonly [number, number] = [BETA1, BETA2],
+  ) {
     this.grad = new Float64Array(value.length);
     this.#m = new Float64Array(value.length);
     this.#v = new Float64Array(value.length);
@@ -106,12 +110,12 @@ class AdamParam {
 
   /** One Adam step (step count `t` ≥ 1, bias-corrected), the lr multiplied by `factor`. */
   step(t: number, factor: number): void {
-    const { value: p, grad: g } = this, m = this.#m, v = this.#v;
-    const c1 = 1 / (1 - BETA1 ** t), c2 = 1 / (1 - BETA2 ** t), lr = this.lr * factor;
+    const { value: p, grad: g } = this, m = this.#m, v = this.#v, [b1, b2] = this.betas;
+    const c1 = 1 / (1 - b1 ** t), c2 = 1 / (1 - b2 ** t), lr = this.lr * factor;
     for (let i = 0; i < p.length; i++) {
       const gi = g[i];
-      m[i] = BETA1 * m[i] + (1 - BETA1) * gi;
-      v[i] = BETA2 * v[i] + (1 - BETA2) * gi * gi;
+      m[i] = b1 * m[i] + (1 - b1) * gi;
+      v[i] = b2 * v[i] + (1 - b2) * gi * gi;
       p[i] -= (lr * m[i] * c1) / (Math.sqrt(v[i] * c2) + ADAM_EPS);
     }
   }

@@ -70,3 +70,10 @@ export async function stories260KGreedyText(): Promise<string> {
   if (!m) throw new Error("stories260K.md: no greedy sample after '-t 0.0'");
   return m[1];
 }
+
+/** Every id an engine job (or generate) yields, in order. */
+export async function collect(it: AsyncGenerator<number, unknown>): Promise<number[]> {
+  const ids: number[] = [];
+  for await (const id of it) ids.push(id);
+  return ids;
+}

@@ -8,18 +8,12 @@ import { Engine, type Job } from "../runtime/model/engine.ts";
 import { generate } from "../runtime/model/generate.ts";
 import { loadModel } from "../runtime/model/load.ts";
 import { GREEDY, type SamplingParams } from "../runtime/model/model.ts";
-import { haveShared, sharedPath, testGpu } from "./helpers.ts";
+import { collect, haveShared, sharedPath, testGpu } from "./helpers.ts";
 
 const have = await haveShared("models/stories260K-hf");
 const loaded = have
   ? await loadModel(sharedPath("models/stories260K-hf"), { gpu: await testGpu(), quiet: true })
   : null;
-
-async function collect(it: AsyncGenerator<number, unknown>): Promise<number[]> {
-  const ids: number[] = [];
-  for await (const id of it) ids.push(id);
-  return ids;
-}
 
 /** 12 jobs: with penalties, bias and min-p (greedy and sampled) and without. */
 function jobs(): Job[] {

@@ -11,7 +11,7 @@ import { ParameterError } from "../errors.ts";
 import { elementCount, type LowbitTensorEntry } from "../format/lowbit_file.ts";
 import { type LowbitCheckpoint, openLowbit } from "../format/lowbit_reader.ts";
 import { tokenizerFromData } from "../tokenizer/load_tokenizer.ts";
-import { runMain } from "./cli.ts";
+import { checkInputFile, runMain, writeStdout } from "./cli.ts";
 
 /** Rows as a text table: columns padded, numbers (`right`) right-aligned. */
 export function table(head: string[], rows: string[][], right: boolean[] = []): string {
@@ -74,9 +74,27 @@ export async function inspectText(f: LowbitCheckpoint): Promise<string> {
   }
 
   out.push("", "quantization");
+  const teq = h.quantization.teq;
+  const isTeq = typeof teq === "object" && teq !== null;
+  const alloc = h.quantization.allocation;
+  const isAlloc = typeof alloc === "object" && alloc !== null;
   out.push(
-    table(["setting", "value"], Object.entries(h.quantization).map(([k, v]) => [k, show(v)])),
+    table(
+      ["setting", "value"],
+      Object.entries(h.quantization).map(([k, v]) => [
+        k,
+        (isTeq && k === "teq") || (isAlloc && k === "allocation") ? "below" : show(v),
+      ]),
+    ),
   );
+  if (isAlloc) {
+    out.push("", "allocation (mixed precision: each linear's format chosen to the budget)");
+    out.push(table(["setting", "value"], Object.entries(alloc).map(([k, v]) => [k, show(v)])));
+  }
+  if (isTeq) {
+    out.push("", "teq (scales folded into the float weights before quantization)");
+    out.push(table(["setting", "value"], Object.entries(teq).map(([k, v]) => [k, show(v)])));
+  }
 
   out.push("", "tensors");
   const rows = h.tensors.map((e) => {
@@ -107,6 +125,8 @@ export async function inspectText(f: LowbitCheckpoint): Promise<string> {
   const linWeights = lin.reduce((a, e) => a + elementCount(e.shape), 0);
   const allWeights = h.tensors.reduce((a, e) => a + elementCount(e.shape), 0);
   const tensorBytes = h.tensors.reduce((a, e) => a + storedBytes(e), 0);
+  out.push("", "packed formats");
+  out.push(formatSummary(h.tensors.filter((e) => e.dtype === "Q")));
   out.push("", "totals");
   out.push(table(["total", "value"], [
     ["file size", `${f.fileSize} bytes (${mb(f.fileSize)})`],
@@ -122,13 +142,40 @@ export async function inspectText(f: LowbitCheckpoint): Promise<string> {
   return out.join("\n");
 }
 
+/** One row per packed format (mixed-precision files have several): count, weights, bits, size. */
+function formatSummary(q: LowbitTensorEntry[]): string {
+  const by = new Map<string, { count: number; weights: number; bytes: number }>();
+  for (const e of q) {
+    const k = `Q${e.bits} g${e.groupSize === 0 ? "row" : e.groupSize}`;
+    const r = by.get(k) ?? { count: 0, weights: 0, bytes: 0 };
+    r.count++;
+    r.weights += elementCount(e.shape);
+    r.bytes += storedBytes(e);
+    by.set(k, r);
+  }
+  if (by.size === 0) return "none";
+  const rows = [...by].sort(([a], [b]) => a.localeCompare(b)).map(([k, r]) => [
+    k,
+    String(r.count),
+    String(r.weights),
+    (8 * r.bytes / r.weights).toFixed(3),
+    String(r.bytes),
+  ]);
+  return table(
+    ["format", "tensors", "weights", "bits/weight", "bytes"],
+    rows,
+    [false, true, true, true, true],
+  );
+}
+
 async function main(args: string[]): Promise<void> {
   if (args.length !== 1 || args[0].startsWith("-")) {
     throw new ParameterError("usage: deno task inspect FILE.lowbit");
   }
+  await checkInputFile("inspect", args[0]);
   const f = await openLowbit(args[0]);
   try {
-    console.log(await inspectText(f));
+    await writeStdout(`${await inspectText(f)}\n`); // `inspect FILE | head` ends quietly
   } finally {
     f.close();
   }

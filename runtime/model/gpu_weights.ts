@@ -70,10 +70,14 @@ export interface LayerWeights {
   w2: Matrix; // (dim, hidden)
 }
 
-/** What runs: the linear layers' and the logits layer's formats, e.g. "linears W4 g128, logits f16". */
+/**
+ * What runs: the linear layers' formats (each distinct one, for a mixed-precision file) and the
+ * logits layer's, e.g. "linears W4 g128, logits f16" or "linears W3 g64 + W2 g64, logits f16".
+ */
 export function describeWeights(w: GpuWeights): string {
   const d = (m: Matrix) => (m.format === "q" ? `W${m.bits} g${m.groupSize}` : m.format);
-  return `linears ${d(w.layers[0].wqkv)}, logits ${d(w.lmHead)}`;
+  const linears = new Set(w.layers.flatMap((l) => [l.wqkv, l.wo, l.w13, l.w2].map(d)));
+  return `linears ${[...linears].join(" + ")}, logits ${d(w.lmHead)}`;
 }
 
 export interface GpuWeights {
