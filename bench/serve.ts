@@ -37,22 +37,10 @@ async function client(
   tokens: number,
 ): Promise<{ ttft: number; n: number }> {
   const t0 = performance.now();
-  const res = await fetch(`${url}/v1/completions`, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify({
-      prompt: "Once upon a time",
-      max_tokens: tokens,
-      stream: true,
-      seed,
-      temperature: 0.8,
-      stream_options: { include_usage: true },
-    }),
-  });
-  if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
+  const body = await streamRequest(url, tokens, seed);
   let ttft = 0, n = 0, buf = "";
   const dec = new TextDecoder();
-  for await (const chunk of res.body) {
+  for await (const chunk of body) {
     if (ttft === 0) ttft = performance.now() - t0;
     buf += dec.decode(chunk, { stream: true });
     for (const m of buf.matchAll(/"completion_tokens":(\d+)/g)) n = Number(m[1]);
@@ -151,22 +139,11 @@ async function timedStream(
   tokens: number,
 ): Promise<{ ttft: number; gaps: number[]; n: number }> {
   const t0 = performance.now();
-  const res = await fetch(`${url}/v1/completions`, {
-    method: "POST",
-    body: JSON.stringify({
-      prompt: "Once upon a time",
-      max_tokens: tokens,
-      stream: true,
-      seed,
-      temperature: 0.8,
-      stream_options: { include_usage: true },
-    }),
-  });
-  if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
+  const body = await streamRequest(url, tokens, seed);
   const times: number[] = [];
   let buf = "", n = 0, done = false;
   const dec = new TextDecoder();
-  for await (const chunk of res.body) {
+  for await (const chunk of body) {
     const now = performance.now();
     buf += dec.decode(chunk, { stream: true });
     const cut = buf.lastIndexOf("\n\n");
@@ -269,4 +246,26 @@ async function load(clients: number, tokens: number, sequential: number): Promis
     }
     await s.status;
   }
+}
+
+/** The body of a streamed /v1/completions request of `tokens` tokens ("Once upon a time"). */
+async function streamRequest(
+  url: string,
+  tokens: number,
+  seed: number,
+): Promise<ReadableStream<Uint8Array>> {
+  const res = await fetch(`${url}/v1/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({
+      prompt: "Once upon a time",
+      max_tokens: tokens,
+      stream: true,
+      seed,
+      temperature: 0.8,
+      stream_options: { include_usage: true },
+    }),
+  });
+  if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}: ${await res.text()}`);
+  return res.body;
 }

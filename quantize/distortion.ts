@@ -22,11 +22,11 @@ import { tensorNames as T } from "../runtime/checkpoint/config.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import { dequantize, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 import { BlockRunner, CAPTURE, linearName } from "./block_runner.ts";
-import { calibratedLayer, Hessian, layerLoss } from "./hessian.ts";
+import { calibratedLayer, layerLoss } from "./hessian.ts";
 import { diagonal, rtnQuantize } from "./rtn.ts";
 import { gptqPlan, gptqQuantize } from "./gptq.ts";
 import { decoupleQ } from "./decoupleq.ts";
-import { embedInputs, GROUPS, type Method } from "./sequential.ts";
+import { captureHessian, embedInputs, GROUPS, type Method } from "./sequential.ts";
 import {
   BlockMath,
   createGrads,
@@ -112,10 +112,7 @@ export async function measureDistortions(
   for (let l = 0; l < c.nLayers; l++) {
     await runner.loadLayer(ckpt, l);
     for (const { capture, keys } of GROUPS) {
-      const X = await runner.run(inputs, capture);
-      const K = X[0].length / seqs[0].length;
-      const hessian = new Hessian(K);
-      X.forEach((x, i) => hessian.addBatch(x, seqs[i].length));
+      const { K, hessian } = await captureHessian(runner, inputs, capture, seqs);
       for (const key of keys) {
         const name = linearName(key, l), t0 = performance.now();
         const [N] = ckpt.tensors.get(name)!.shape;

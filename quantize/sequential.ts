@@ -77,6 +77,23 @@ export interface BlockReport {
   ms: number;
 }
 
+/**
+ * H = Σ XᵀX over `seqs` of the inputs that `capture` gives for the block loaded in `runner`, and
+ * their width K.
+ */
+export async function captureHessian(
+  runner: BlockRunner,
+  inputs: Float32Array[],
+  capture: Capture,
+  seqs: number[][],
+): Promise<{ K: number; hessian: Hessian }> {
+  const X = await runner.run(inputs, capture);
+  const K = X[0].length / seqs[0].length;
+  const hessian = new Hessian(K);
+  X.forEach((x, i) => hessian.addBatch(x, seqs[i].length));
+  return { K, hessian };
+}
+
 /** The linears of a block by the capture that gives their inputs, in quantization order. */
 export const GROUPS: { capture: Capture; keys: string[] }[] = [
   { capture: CAPTURE.qkvInput, keys: ["wq", "wk", "wv"] },
@@ -160,10 +177,7 @@ export async function quantizeSequential(
     const targets = opts.stage2 ? await runner.run(inputs, CAPTURE.output) : [];
     const qls = {} as Record<LinearKey, QuantizedLinear>;
     for (const { capture, keys } of GROUPS) {
-      const X = await runner.run(inputs, capture);
-      const K = X[0].length / seqs[0].length;
-      const hessian = new Hessian(K);
-      X.forEach((x, i) => hessian.addBatch(x, seqs[i].length));
+      const { K, hessian } = await captureHessian(runner, inputs, capture, seqs);
       for (const key of keys) {
         const name = linearName(key, l);
         const [N] = ckpt.tensors.get(name)!.shape;
