@@ -241,6 +241,16 @@ async function evaluate(model: string, e: Eval): Promise<number> {
   return JSON.parse(out.trim().split("\n").pop()!).perplexity;
 }
 
+/** A quantized file's report, its bits per weight (as inspect counts them) and perplexities. */
+async function measure(s: Suite, file: string) {
+  const report = JSON.parse(await Deno.readTextFile(`${file}.report.json`));
+  const inspect = await run(["runtime/cli/inspect_cmd.ts", file]);
+  const bpw = Number(/linear layers: bits\/weight\s+([\d.]+)/.exec(inspect)?.[1] ?? NaN);
+  const ppl = [];
+  for (const e of s.evals) ppl.push(await evaluate(file, e));
+  return { report, bpw, ppl };
+}
+
 function render(rows: Row[]): string {
   let md =
     `# lowbit quantization quality\n\nWritten by \`deno task bench quality\` (perplexity from the float64 ` +
@@ -378,11 +388,7 @@ async function runMixed(
         ...(a.args ?? []),
         "--no-compare",
       ]);
-      const report = JSON.parse(await Deno.readTextFile(`${file}.report.json`));
-      const inspect = await run(["runtime/cli/inspect_cmd.ts", file]);
-      const bpw = Number(/linear layers: bits\/weight\s+([\d.]+)/.exec(inspect)?.[1] ?? NaN);
-      const ppl = [];
-      for (const e of s.evals) ppl.push(await evaluate(file, e));
+      const { report, bpw, ppl } = await measure(s, file);
       const counts = report.allocation.counts as Record<string, number>;
       await save({
         suite: s.name,
@@ -488,11 +494,7 @@ export async function benchQuality(args: string[]): Promise<void> {
           ...("e2e" in m ? (s.e2eBySetting?.[setting] ?? s.e2e).args : []),
           ...teqArgs,
         ]);
-        const report = JSON.parse(await Deno.readTextFile(`${file}.report.json`));
-        const inspect = await run(["runtime/cli/inspect_cmd.ts", file]);
-        const bpw = Number(/linear layers: bits\/weight\s+([\d.]+)/.exec(inspect)?.[1] ?? NaN);
-        const ppl = [];
-        for (const e of s.evals) ppl.push(await evaluate(file, e));
+        const { report, bpw, ppl } = await measure(s, file);
         await save({
           suite: s.name,
           method: m.label,
