@@ -13,7 +13,7 @@ import { methodNotAllowed } from "hono/method-not-allowed";
 import { Engine } from "./runtime/model/engine.ts";
 import { loadModel } from "./runtime/model/load.ts";
 import { ParameterError } from "./runtime/errors.ts";
-import { intOption, numberOption, parseCli, runMain } from "./runtime/cli/cli.ts";
+import { intOption, kvCacheOption, numberOption, parseCli, runMain } from "./runtime/cli/cli.ts";
 import {
   DEFAULT_MODEL,
   DownloadError,
@@ -194,6 +194,7 @@ const USAGE = `usage: deno task serve [options]
   --host HOST             address to listen on (default 127.0.0.1)
   --port N                port (default 8080)
   --ctx N                 context length (default: the model's, at most 2048)
+  --kv-cache f16|f32      KV cache element type (default f16 where the adapter has shader-f16)
   --max-tokens-limit N    largest max_tokens a request may ask for (default: the context)
   --max-queue N           requests allowed to wait; more get 429 (default 64)
   --slots N               requests decoded together, each with a KV cache of the context
@@ -216,6 +217,7 @@ async function main(args: string[]): Promise<void> {
       host: { type: "string", default: "127.0.0.1" },
       port: { type: "string", default: "8080" },
       ctx: { type: "string" },
+      "kv-cache": { type: "string" },
       "max-tokens-limit": { type: "string" },
       "max-queue": { type: "string", default: "64" },
       slots: { type: "string", default: "8" },
@@ -250,6 +252,7 @@ async function main(args: string[]): Promise<void> {
     slots: intOption("slots", a.slots, 1),
   };
   const maxTokensLimit = intOption("max-tokens-limit", a["max-tokens-limit"], 1);
+  const kvType = kvCacheOption(a["kv-cache"]);
   checkListen(a.host!, port); // before the model loads: a port in use fails at once
   const path = a.model ?? await defaultModelW4().catch((e) => {
     if (!(e instanceof DownloadError)) throw e;
@@ -261,6 +264,7 @@ async function main(args: string[]): Promise<void> {
   const { model, tokenizer, gpu } = await loadModel(path, {
     tokenizer: a.tokenizer,
     ctx: intOption("ctx", a.ctx, 2),
+    kvType,
   });
   const engine = new Engine(model, tokenizer, modelId, engineOptions);
   const { server } = startServer(engine, {

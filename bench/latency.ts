@@ -7,7 +7,7 @@
  * bench/latency.json.
  *
  *   deno task bench latency [--shapes stories,smollm,1b,7b] [--formats fp16,w4g128,w3g128,w2g64]
- *                           [--prompts 128,512] [--decode N]
+ *                           [--prompts 128,512] [--decode N] [--batches 1,8,32]
  */
 import { parseArgs } from "node:util";
 import { createGpu, type Gpu } from "../kernels/gpu.ts";
@@ -24,6 +24,7 @@ import {
 } from "../tests/synthetic.ts";
 import { writeSyntheticLowbit } from "./synthetic_lowbit.ts";
 import { ceilings } from "./ceilings.ts";
+import { emptyStepMs, IN_FLIGHT } from "./overhead.ts";
 import { recordResults, table, today } from "./results.ts";
 
 const CACHE = "/tmp/lowbit-bench";
@@ -111,8 +112,12 @@ interface Row {
   prefill: Record<string, number>; // prompt length → tok/s
   ttftMs: Record<string, number>;
   decode1: number; // tok/s at batch 1
-  decode8: number; // tok/s at batch 8 (decodeBatch: 8 sequences, one pass over the weights)
+  /** Total tok/s by batch size above 1 (decodeBatch: one pass over the weights per step). */
+  decodeN: Record<string, number>;
   stepGpuMs: number; // GPU time of one decode step (timestamp-query)
+  stepWallMs: number; // wall-clock time of one batch-1 decode step
+  dispatches: number; // dispatches of a batch-1 decode step
+  emptyStepMs: number; // wall-clock time of an empty step of as many dispatches (bench/overhead.ts)
   matvecGBs: number; // weight bytes / matvec GPU time
   matvecGflops: number;
   weightBytes: number;
@@ -124,10 +129,12 @@ async function measure(
   format: string,
   prompts: number[],
   nDecode: number,
+  batches: number[],
 ): Promise<Row> {
   const ckpt = await openCheckpoint(await modelPath(shape, format));
   const ctx = Math.min(ckpt.config.seqLen, Math.max(...prompts) + nDecode + 8);
-  const model = await GpuModel.load(gpu, ckpt, { dtype: "f16", ctx, maxT: 128, slots: BATCH });
+  const slots = Math.max(1, ...batches);
+  const model = await GpuModel.load(gpu, ckpt, { dtype: "f16", ctx, maxT: 128, slots });
   ckpt.close();
   const V = ckpt.config.vocabSize;
   const rand = (n: number) => Array.from({ length: n }, (_, i) => (i * 7919 + 13) % V);
@@ -156,7 +163,12 @@ async function measure(
   let r = await it.next();
   while (!r.done) r = await it.next();
   const decode1 = (r.value.generatedTokens - 1) / (r.value.decodeMs / 1000);
-  const decode8 = await decodeBatchRate(gpu, model, rand(8), nDecode);
+  const decodeN: Record<string, number> = {};
+  for (const b of batches.filter((b) => b > 1)) {
+    decodeN[b] = await decodeBatchRate(gpu, model, b, rand(8), nDecode);
+  }
+  const dispatches = model.plan.decode.length;
+  const emptyMs = await emptyStepMs(gpu, dispatches);
   // GPU time per kernel of one decode step (median of 3)
   const runs: number[][] = [];
   for (let i = 0; i < 3; i++) runs.push(await profileDispatches(gpu, model.plan.decode, 1));
@@ -180,44 +192,46 @@ async function measure(
     prefill,
     ttftMs,
     decode1,
-    decode8,
+    decodeN,
     stepGpuMs: stepMs,
+    stepWallMs: 1000 / decode1,
+    dispatches,
+    emptyStepMs: emptyMs,
     matvecGBs: weightBytes / (kernelMs * 1e6),
     matvecGflops: (2 * params) / (kernelMs * 1e6),
     weightBytes,
   };
 }
-const BATCH = 8;
-
 /** A figure with `d` decimals, or "–" where it was not measured. */
 const fix = (v: number, d: number) => (Number.isNaN(v) ? "–" : v.toFixed(d));
 
 /**
- * Decode tok/s at batch {@link BATCH}: that many sequences, each prefilled with `prompt` in its
+ * Total decode tok/s at batch `batch`: that many sequences, each prefilled with `prompt` in its
  * own slot, then `steps` batched decode steps (each one submit, several in flight).
  */
 async function decodeBatchRate(
   gpu: Gpu,
   model: GpuModel,
+  batch: number,
   prompt: number[],
   steps: number,
 ): Promise<number> {
   const n = prompt.length;
-  for (let slot = 0; slot < BATCH; slot++) {
+  for (let slot = 0; slot < batch; slot++) {
     model.writeTokens(0, prompt, slot);
     model.prefill(0, n, GREEDY, undefined, slot);
   }
   const rows = (p: number) =>
-    Array.from({ length: BATCH }, (_, slot) => ({ slot, pos: p, sampling: GREEDY }));
+    Array.from({ length: batch }, (_, slot) => ({ slot, pos: p, sampling: GREEDY }));
   model.decodeBatch(rows(n)); // warm-up: compiles the batched pipelines
   await gpu.device.queue.onSubmittedWorkDone();
   const t0 = performance.now();
   for (let i = 1; i <= steps; i++) {
     model.decodeBatch(rows(n + i));
-    if (i % 4 === 0) await gpu.device.queue.onSubmittedWorkDone(); // at most ~4 in flight
+    if (i % IN_FLIGHT === 0) await gpu.device.queue.onSubmittedWorkDone();
   }
   await gpu.device.queue.onSubmittedWorkDone();
-  return (BATCH * steps) / ((performance.now() - t0) / 1000);
+  return (batch * steps) / ((performance.now() - t0) / 1000);
 }
 
 export async function benchLatency(args: string[]): Promise<void> {
@@ -228,8 +242,13 @@ export async function benchLatency(args: string[]): Promise<void> {
       formats: { type: "string", default: DEFAULT_FORMATS },
       prompts: { type: "string" },
       decode: { type: "string" },
+      batches: { type: "string", default: "1,8,32" },
     },
   });
+  const batches = values.batches!.split(",").map(Number);
+  if (batches.some((b) => !Number.isInteger(b) || b < 1 || b > 256)) {
+    throw new Error(`--batches ${values.batches}: batch sizes are integers 1..256`);
+  }
   const gpu = await createGpu();
   // CPU adapters: the 7B shape does not fit the point
   const shapes = (values.shapes ?? (gpu.isCpu ? "stories,smollm,1b" : "stories,smollm,1b,7b"))
@@ -248,15 +267,18 @@ export async function benchLatency(args: string[]): Promise<void> {
       // decode steps: 64, or 16 for the 1B and 7B shapes on CPU adapters (seconds per step)
       const big = shape === "1b" || shape === "7b";
       const nDecode = Number(values.decode ?? (gpu.isCpu && big ? 16 : 64));
-      const r = await measure(gpu, shape, format, prompts, nDecode);
+      const r = await measure(gpu, shape, format, prompts, nDecode, batches);
       rows.push(r);
       console.log(
         `${shape} ${format}: prefill ${
           prompts.map((p) => `${p}:${fix(r.prefill[p], 1)}`).join(" ")
         } tok/s, ` +
-          `decode ${r.decode1.toFixed(1)} tok/s (batch 8: ${r.decode8.toFixed(1)}), step ${
-            r.stepGpuMs.toFixed(2)
-          } ms GPU, matvec ${r.matvecGBs.toFixed(2)} GB/s ` +
+          `decode ${r.decode1.toFixed(1)} tok/s (${
+            Object.entries(r.decodeN).map(([b, v]) => `batch ${b}: ${v.toFixed(1)}`).join(", ")
+          }), step ${r.stepGpuMs.toFixed(2)} ms GPU, ${r.stepWallMs.toFixed(2)} ms wall, empty ` +
+          `step of ${r.dispatches} dispatches ${r.emptyStepMs.toFixed(2)} ms, matvec ${
+            r.matvecGBs.toFixed(2)
+          } GB/s ` +
           `${r.matvecGflops.toFixed(2)} GFLOP/s`,
       );
     }
@@ -266,8 +288,10 @@ export async function benchLatency(args: string[]): Promise<void> {
     "weights",
     ...prompts.flatMap((p) => [`prefill ${p} tok/s`, `TTFT ${p} ms`]),
     "decode tok/s (batch 1)",
-    "decode tok/s (batch 8)",
+    ...batches.filter((b) => b > 1).map((b) => `decode tok/s (batch ${b}, ×batch 1)`),
     gpu.isCpu ? "decode step ms (wall)" : "decode step GPU ms",
+    "step wall ms",
+    "empty step ms (dispatches)",
     "matvec GB/s (% of bandwidth)",
     "matvec GFLOP/s (% of FMA)",
   ];
@@ -276,16 +300,23 @@ export async function benchLatency(args: string[]): Promise<void> {
     r.format,
     ...prompts.flatMap((p) => [fix(r.prefill[p], 1), fix(r.ttftMs[p], 0)]),
     r.decode1.toFixed(1),
-    r.decode8.toFixed(1),
+    ...batches.filter((b) => b > 1).map((b) =>
+      `${r.decodeN[b].toFixed(1)} (${(r.decodeN[b] / r.decode1).toFixed(1)}×)`
+    ),
     r.stepGpuMs.toFixed(2),
+    r.stepWallMs.toFixed(2),
+    `${r.emptyStepMs.toFixed(2)} (${r.dispatches})`,
     `${r.matvecGBs.toFixed(2)} (${(100 * r.matvecGBs / bw).toFixed(0)}%)`,
     `${r.matvecGflops.toFixed(2)} (${(100 * r.matvecGflops / ceil.fmaGflops).toFixed(0)}%)`,
   ]);
   await recordResults(
     "latency",
     gpu.adapterName,
-    `${today()}. Ceilings: ${ceilText}; bandwidth = the faster of the two. Synthetic weights except stories260K; the logits layer stays fp16 except in the "+head" rows. Batch 8: 8 sequences stepped together ` +
-      `(GpuModel.decodeBatch), total tok/s.\n\n${table(head, body)}`,
+    `${today()}. Ceilings: ${ceilText}; bandwidth = the faster of the two. Synthetic weights except stories260K; the logits layer stays fp16 except in the "+head" rows. Batch N: N sequences stepped together ` +
+      `(GpuModel.decodeBatch), total tok/s. Empty step: as many dispatches of an empty kernel, ` +
+      `each with its own bind group (bench/overhead.ts): the step's cost beyond its kernels.\n\n${
+        table(head, body)
+      }`,
   );
   await Deno.writeTextFile(
     new URL("./latency.json", import.meta.url),

@@ -13,9 +13,13 @@
  * workgroup serves `gq` query heads of one KV head (grouped-query attention), so each key and
  * value texel is loaded once for all of them; one exp per key and head (the larger of the running
  * maximum and the new score gets weight 1, the other exp(−|difference|)).
+ *
+ * Both kernels read keys and values as rotate-half pairs (elements i and i + headDim/2), the unit
+ * the qkv epilogue writes: two f32, or one u32 of two halves with an f16 cache (KvType in
+ * epilogue.ts, unpack2x16float); scores, softmax and the output accumulate in f32 either way.
  */
 import { STEP_WGSL } from "./common.ts";
-import type { KvSource } from "./epilogue.ts";
+import type { KvSource, KvType } from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
 
 export interface AttentionVariant {
@@ -25,6 +29,8 @@ export interface AttentionVariant {
   wg: number; // keys per chunk = threads, a power of two
   /** KV cache layout (default "buffer"). */
   kv?: KvSource;
+  /** KV cache element type (default "f32"; "f16": packed pairs, see KvType in epilogue.ts). */
+  kvType?: KvType;
   /** Texture KV only: q as a uniform buffer of nHeads·headDim values (decode: one token). */
   qUniform?: boolean;
   /**
@@ -37,7 +43,16 @@ export interface AttentionVariant {
 export function attentionWgsl(v: AttentionVariant): string {
   if (v.kv === "texture") return attentionTexWgsl(v);
   const { nHeads, nKvHeads, headDim: HD, wg: WG } = v;
-  const QD = nHeads * HD, KVD = nKvHeads * HD, GQ = nHeads / nKvHeads;
+  const QD = nHeads * HD, KVD = nKvHeads * HD, GQ = nHeads / nKvHeads, H = HD / 2;
+  const f16 = v.kvType === "f16";
+  // a cache row is KVD f32 or KVD/2 packed words; pair i of the row's head at `b` (see KvType)
+  const rowLen = f16 ? KVD / 2 : KVD, headLen = f16 ? H : HD;
+  const pair = (name: string) =>
+    f16
+      ? `fn ${name}_pair(b: u32, i: u32) -> vec2<f32> { return unpack2x16float(${name}[b + i]); }`
+      : `fn ${name}_pair(b: u32, i: u32) -> vec2<f32> {
+  return vec2<f32>(${name}[b + i], ${name}[b + i + ${H}u]);
+}`;
   const reduce = (op: string) => `
     for (var s = ${WG / 2}u; s > 0u; s >>= 1u) {
       if (lid < s) { red[lid] = ${op}(red[lid], red[lid + s]); }
@@ -46,15 +61,18 @@ export function attentionWgsl(v: AttentionVariant): string {
   return `${STEP_WGSL}
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> kcache: array<f32>;
-@group(0) @binding(3) var<storage, read> vcache: array<f32>;
+@group(0) @binding(2) var<storage, read> kcache: array<${f16 ? "u32" : "f32"}>;
+@group(0) @binding(3) var<storage, read> vcache: array<${f16 ? "u32" : "f32"}>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
-var<workgroup> qs: array<f32, ${HD}>;
-var<workgroup> acc: array<f32, ${HD}>;
+// rotate-half pairs (elements i and i + ${H} of the head)
+var<workgroup> qs: array<vec2<f32>, ${H}>;
+var<workgroup> acc: array<vec2<f32>, ${H}>;
 var<workgroup> p: array<f32, ${WG}>;
 var<workgroup> red: array<f32, ${WG}>;
 
 fn add(a: f32, b: f32) -> f32 { return a + b; }
+${pair("kcache")}
+${pair("vcache")}
 
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -63,10 +81,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
   let row = step.rows[t];
   let len = row.x + 1u;
   let kv0 = row.y;
-  let kv = (h / ${GQ}u) * ${HD}u;
-  for (var d = lid; d < ${HD}u; d += ${WG}u) {
-    qs[d] = q[t * ${QD}u + h * ${HD}u + d] * ${1 / Math.sqrt(HD)};
-    acc[d] = 0.0;
+  let kv = (h / ${GQ}u) * ${headLen}u;
+  let qo = t * ${QD}u + h * ${HD}u;
+  for (var i = lid; i < ${H}u; i += ${WG}u) {
+    qs[i] = vec2<f32>(q[qo + i], q[qo + i + ${H}u]) * ${1 / Math.sqrt(HD)};
+    acc[i] = vec2<f32>(0.0);
   }
   workgroupBarrier();
   var m = -3.0e38;
@@ -77,8 +96,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     var s = -3.0e38;
     if (j < len) {
       s = 0.0;
-      let kb = (kv0 + j) * ${KVD}u + kv;
-      for (var d = 0u; d < ${HD}u; d++) { s += qs[d] * kcache[kb + d]; }
+      let kb = (kv0 + j) * ${rowLen}u + kv;
+      for (var i = 0u; i < ${H}u; i++) { s += dot(qs[i], kcache_pair(kb, i)); }
     }
     red[lid] = s;
     workgroupBarrier();
@@ -95,14 +114,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     m = mn;
     // acc = acc·scale + Σ_j p_j v_j
     let n = min(${WG}u, len - c);
-    for (var d = lid; d < ${HD}u; d += ${WG}u) {
-      var a = acc[d] * scale;
-      for (var jj = 0u; jj < n; jj++) { a += p[jj] * vcache[(kv0 + c + jj) * ${KVD}u + kv + d]; }
-      acc[d] = a;
+    for (var i = lid; i < ${H}u; i += ${WG}u) {
+      var a = acc[i] * scale;
+      for (var jj = 0u; jj < n; jj++) {
+        a += p[jj] * vcache_pair((kv0 + c + jj) * ${rowLen}u + kv, i);
+      }
+      acc[i] = a;
     }
     workgroupBarrier();
   }
-  for (var d = lid; d < ${HD}u; d += ${WG}u) { out[t * ${QD}u + h * ${HD}u + d] = acc[d] / l; }
+  for (var i = lid; i < ${H}u; i += ${WG}u) {
+    out[qo + i] = acc[i].x / l;
+    out[qo + i + ${H}u] = acc[i].y / l;
+  }
 }`;
 }
 
@@ -127,6 +151,9 @@ function attentionTexWgsl(v: AttentionVariant): string {
   const idx = Array.from({ length: H }, (_, i) => i);
   const heads = Array.from({ length: gq }, (_, g) => g);
   const lanes = Array.from({ length: WG }, (_, w) => w);
+  // a texel's rotate-half pair: two f32 bit patterns (rg32uint) or two packed halves (r32uint)
+  const texel = (load: string) =>
+    v.kvType === "f16" ? `unpack2x16float(${load}.x)` : `bitcast<vec2<f32>>(${load}.xy)`;
   const qDecl = v.qUniform
     ? `@group(0) @binding(1) var<uniform> q: array<vec4<f32>, ${QD / 4}>;
 fn qv(i: u32) -> f32 { return q[i / 4u][i % 4u]; }`
@@ -154,10 +181,10 @@ fn qv(i: u32) -> f32 { return q[i]; }`;
   }
   p(`  for (var j = lid; j < len; j += ${WG}u) {`);
   for (const i of idx) {
-    p(`    let k${i} = bitcast<vec2<f32>>(textureLoad(kcache, vec2<u32>(kx + ${i}u, kv0 + j), 0).xy);`);
+    p(`    let k${i} = ${texel(`textureLoad(kcache, vec2<u32>(kx + ${i}u, kv0 + j), 0)`)};`);
   }
   for (const i of idx) {
-    p(`    let v${i} = bitcast<vec2<f32>>(textureLoad(vcache, vec2<u32>(kx + ${i}u, kv0 + j), 0).xy);`);
+    p(`    let v${i} = ${texel(`textureLoad(vcache, vec2<u32>(kx + ${i}u, kv0 + j), 0)`)};`);
   }
   for (const g of heads) {
     p(`    let s${g} = ${idx.map((i) => `dot(q${g}_${i}, k${i})`).join(" + ")};`);
@@ -217,7 +244,7 @@ ${L.join("\n")}
 export function attentionPipeline(gpu: Gpu, v: AttentionVariant): GPUComputePipeline {
   const key = `attention_${v.nHeads}_${v.nKvHeads}_${v.headDim}_w${v.wg}${
     v.kv === "texture" ? `T${v.gq ?? 1}` : ""
-  }${v.qUniform ? "U" : ""}`;
+  }${v.qUniform ? "U" : ""}${v.kvType === "f16" ? "h" : ""}`;
   return gpu.pipeline(key, () => attentionWgsl(v));
 }
 

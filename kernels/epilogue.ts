@@ -27,6 +27,8 @@ export type Epilogue =
     bias: boolean;
     /** Where the KV cache lives (default "buffer"). */
     kv?: KvSource;
+    /** The KV cache's element type (default "f32"). */
+    kvType?: KvType;
   };
 
 /**
@@ -36,6 +38,20 @@ export type Epilogue =
  * the rotate-half pair one qkv unit computes: written with textureStore, read with textureLoad.
  */
 export type KvSource = "buffer" | "texture";
+
+/**
+ * Element type of the KV cache. "f32" as {@link KvSource} describes. "f16": each rotate-half pair
+ * (elements i and i + headDim/2 of a head, the pair one qkv unit computes) is one u32 of two
+ * halves (pack2x16float: i in the low half), so one unit writes one whole word: "buffer" an
+ * array<u32> (ctx, nKvHeads·headDim/2), word kvHead·headDim/2 + i of a row; "texture" an r32uint
+ * texture (nKvHeads·headDim/2, ctx) of those words. Values are rounded after RoPE and clamped to
+ * ±65504 (pack2x16float of a value beyond f16's range is indeterminate); attention unpacks and
+ * accumulates in f32. No WGSL extension is needed.
+ */
+export type KvType = "f16" | "f32";
+
+/** f16's largest finite value: the qkv epilogue clamps the f16 cache's values to ±F16_MAX. */
+export const F16_MAX = 65504;
 
 /** Number of units of an epilogue over a weight with `rows` rows. */
 export function unitCount(e: Epilogue, rows: number): number {
@@ -72,7 +88,7 @@ export function epilogueKey(e: Epilogue): string {
     case "qkv":
       return `qkv${e.nHeads}_${e.nKvHeads}_${e.headDim}${e.bias ? "b" : ""}${
         e.kv === "texture" ? "T" : ""
-      }`;
+      }${e.kvType === "f16" ? "h" : ""}`;
   }
 }
 
@@ -102,15 +118,20 @@ fn epilogue(t: u32, u: u32, acc: vec2<f32>) {
     case "qkv": {
       const half = e.headDim / 2;
       const qd = e.nHeads * e.headDim, kvd = e.nKvHeads * e.headDim;
-      const tex = e.kv === "texture";
+      const tex = e.kv === "texture", f16 = e.kvType === "f16";
       const cache = (name: string) =>
         tex
-          ? `var ${name}: texture_storage_2d<rg32uint, write>;`
-          : `var<storage, read_write> ${name}: array<f32>;`;
+          ? `var ${name}: texture_storage_2d<${f16 ? "r32uint" : "rg32uint"}, write>;`
+          : `var<storage, read_write> ${name}: array<${f16 ? "u32" : "f32"}>;`;
+      const packed = `pack2x16float(clamp(v, vec2<f32>(-${F16_MAX}.0), vec2<f32>(${F16_MAX}.0)))`;
       const put = (name: string, h: string) =>
         tex
           ? `textureStore(${name}, vec2<u32>((${h}) * ${half}u + i, kvrow), ` +
-            `vec4<u32>(bitcast<u32>(v.x), bitcast<u32>(v.y), 0u, 0u));`
+            (f16
+              ? `vec4<u32>(${packed}, 0u, 0u, 0u));`
+              : `vec4<u32>(bitcast<u32>(v.x), bitcast<u32>(v.y), 0u, 0u));`)
+          : f16
+          ? `${name}[kvrow * ${kvd / 2}u + (${h}) * ${half}u + i] = ${packed};`
           : `let o = kvrow * ${kvd}u + (${h}) * ${e.headDim}u + i;
     ${name}[o] = v.x;
     ${name}[o + ${half}u] = v.y;`;

@@ -1,6 +1,8 @@
 /** The WebGPU device, its limits and features, and the pipeline cache every kernel uses. */
 import { GpuError } from "./errors.ts";
 import { restrictToAdapter } from "./adapter.ts";
+import type { TunedShape } from "./tune_key.ts";
+import { loadTunedShapes } from "./tune_cache.ts";
 
 export interface GpuOptions {
   /** Use `shader-f16` for f16 weights when the adapter has it (default true). */
@@ -22,6 +24,19 @@ export class Gpu {
   readonly pipelines = new Map<string, GPUComputePipeline>();
   /** The first WebGPU error no scope caught (the device's `uncapturederror`), if any. */
   failure: string | null = null;
+  /**
+   * Thread shapes the tuner chose for this adapter by kernel key (kernels/tune_key.ts), which
+   * the forward plan uses as they are: read from the tune cache by createGpu, empty for a Gpu
+   * made by hand.
+   */
+  tuned = new Map<string, TunedShape>();
+  /**
+   * The tune cache `tuned` was read from, where a first run on a GPU writes what it tunes
+   * (runtime/model/tune_plan.ts); null for a Gpu made by hand, which is never auto-tuned.
+   */
+  tuneCache: string | null = null;
+  /** The adapter's vendor, device and architecture ids (part of its tune cache entry). */
+  driver = "";
   constructor(
     readonly device: GPUDevice,
     readonly adapterName: string,
@@ -188,6 +203,8 @@ export async function createGpu(options: GpuOptions = {}): Promise<Gpu> {
     requiredFeatures.includes("timestamp-query"),
     isCpu,
   );
+  gpu.driver = [info.vendor, info.device, info.architecture].filter((s) => s).join(":");
+  loadTunedShapes(gpu);
   // errors outside every scope: the first is kept for `check` and printed once, not per call
   device.addEventListener("uncapturederror", (e) => {
     if (gpu.failure !== null) return;

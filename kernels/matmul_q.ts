@@ -22,7 +22,7 @@ export interface MatmulQVariant {
   tpr?: number;
   upw?: number;
   upt?: number;
-  /** Tokens per workgroup (1..8). */
+  /** Tokens per workgroup (1..MAX_Q_BATCH). */
   tt?: number;
   /** Where qweight and sz live (default "buffer"; "texture": see createQTextures). */
   weights?: QWeights;
@@ -85,15 +85,20 @@ export function matmulQGrid(v: MatmulQVariant, ntok: number): [number, number, n
 /**
  * Thread shape: on CPU adapters 32 weight rows (16 units of the pair epilogues) × 4 tokens per
  * thread, so each loaded x value serves 32 rows and each weight 4 tokens, or with `tt` = 8
- * (batched decode: every row of the step in one token group) 16 rows × 8 tokens; on GPUs the
- * matrix-vector shape at batch 8: 32 threads share a unit (coalesced loads, see qCoreWgsl),
- * two units × 8 tokens per thread.
+ * (batched decode: every row of the step in one token group) 16 rows × 8 tokens, and above 8
+ * (up to MAX_Q_BATCH) 4 rows × tt tokens, which keeps the unrolled rows × tokens body (and
+ * lavapipe's compile) about the size of the 8-token one; on GPUs the matrix-vector shape: 32
+ * threads share a unit (coalesced loads, see qCoreWgsl), two units × 8 tokens per thread, or
+ * above 8 tokens one unit × tt tokens per thread (the reduction's workgroup memory stays within
+ * 32 KiB).
  */
 export function matmulQShape(gpu: Gpu, epilogue?: Epilogue, tt = 4): MatmulQShape {
+  const pair = epilogue !== undefined && isPair(epilogue);
   if (gpu.isCpu) {
-    const rows = tt > 4 ? 16 : 32;
-    const upt = epilogue && isPair(epilogue) ? rows / 2 : rows;
+    const rows = tt > 8 ? 4 : tt > 4 ? 16 : 32;
+    const upt = pair ? rows / 2 : rows;
     return { tpr: 1, upt, upw: upt * 8, tt };
   }
+  if (tt > 8) return { tpr: 32, upt: 1, upw: 4, tt };
   return { tpr: 32, upt: 2, upw: 8, tt: 8 };
 }

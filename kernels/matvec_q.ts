@@ -53,7 +53,7 @@ export interface MatvecQVariant {
   epilogue: Epilogue;
   tpr: number; // threads per unit, a power of two
   upw: number; // units per workgroup
-  /** Input vectors (1..8), x is (batch, K); the weights are read once for all of them. */
+  /** Input vectors (1..MAX_Q_BATCH), x is (batch, K); the weights are read once for all. */
   batch: number;
   /** Units per thread (default 1); upw must be a multiple of it. */
   upt?: number;
@@ -90,6 +90,12 @@ export interface QCore {
   weights: QWeights;
   xUniform: boolean;
 }
+
+/**
+ * The most tokens one workgroup of the quantized kernels takes (a batched decode step of up to
+ * this many rows reads each weight once).
+ */
+export const MAX_Q_BATCH = 32;
 
 /** Texels per row of the weight textures. */
 export const Q_TEX_WIDTH = 4096;
@@ -190,8 +196,10 @@ function checkCore(c: QCore): void {
   if (!Number.isInteger(c.rows) || c.rows < 1) {
     throw new ShapeError(`quantized kernels: bad row count ${c.rows}`);
   }
-  if (!Number.isInteger(c.batch) || c.batch < 1 || c.batch > 8) {
-    throw new ParameterError(`quantized kernels: batch must be 1..8, got ${c.batch}`);
+  if (!Number.isInteger(c.batch) || c.batch < 1 || c.batch > MAX_Q_BATCH) {
+    throw new ParameterError(
+      `quantized kernels: batch must be 1..${MAX_Q_BATCH}, got ${c.batch}`,
+    );
   }
   const pow2 = (n: number) => Number.isInteger(n) && n >= 1 && (n & (n - 1)) === 0;
   if (!pow2(c.tpr) || !Number.isInteger(c.upt) || c.upt < 1 || c.upw % c.upt !== 0) {

@@ -58,7 +58,8 @@ export class BlockRunner {
   static create(gpu: Gpu, config: ModelConfig, seqLen: number): BlockRunner {
     const c = config, qd = c.nHeads * c.headDim, kvd = c.nKvHeads * c.headDim;
     const maxT = Math.min(seqLen, MAX_ROWS);
-    const state = createRunState(gpu, { ...c, nLayers: 1 }, seqLen, maxT);
+    // float32 throughout: the calibration inputs are captured with an f32 KV cache
+    const state = createRunState(gpu, { ...c, nLayers: 1 }, seqLen, maxT, 1, "f32");
     const vec = (label: string, n: number) =>
       gpu.buffer(label, n * 4, STORAGE | GPUBufferUsage.COPY_DST);
     const layer: LayerWeights = {

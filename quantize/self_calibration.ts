@@ -46,7 +46,8 @@ export async function selfCalibrationSequences(
   const bos = tokenizer.bosId >= 0 ? tokenizer.bosId : c.bosId;
   if (bos < 0) throw new ParameterError("--calib self needs a model with a BOS token");
   const log = o.log ?? (() => {});
-  const model = await GpuModel.load(gpu, ckpt, { ctx: o.seqLen, dtype: "f32" });
+  // the float model: f32 weights and an f32 KV cache
+  const model = await GpuModel.load(gpu, ckpt, { ctx: o.seqLen, dtype: "f32", kvType: "f32" });
   const engine = new Engine(model, tokenizer, "self-calibration", {
     slots: o.slots ?? 8,
     maxQueue: o.count,

@@ -15,9 +15,13 @@ const haveStories = await haveShared(
 );
 const haveNovels = await haveShared("models/novels-5M", "data/novels/heldout.txt");
 
-/** Max |GPU − reference| over every position of `ids`, and max |prefill − decode|. */
+/**
+ * Max |GPU − reference| over every position of `ids`, and max |prefill − decode|. f32 weights and
+ * KV cache, as the float64 reference holds them (the f16 cache: tests/kv_cache_test.ts).
+ */
 async function compare(ckpt: Checkpoint, ids: number[], maxT: number, gpu?: Gpu) {
-  const model = await GpuModel.load(gpu ?? await testGpu(), ckpt, { dtype: "f32", maxT });
+  const opts = { dtype: "f32", kvType: "f32", maxT } as const;
+  const model = await GpuModel.load(gpu ?? await testGpu(), ckpt, opts);
   const ref = await ReferenceModel.load(ckpt);
   const V = ckpt.config.vocabSize;
   const prefill = await model.logitsAt(0, ids);

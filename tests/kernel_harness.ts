@@ -6,6 +6,7 @@ import { packStep, STEP_BYTES, type StepParams } from "../kernels/common.ts";
 import type { DenseFormat } from "../kernels/common.ts";
 import { type Bindable, bindingResource, type Gpu } from "../kernels/gpu.ts";
 import { allocDense, writeDenseRows } from "../runtime/model/gpu_weights.ts";
+import type { KvType } from "../kernels/epilogue.ts";
 
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
@@ -50,6 +51,22 @@ export function kvUnpairs(words: Uint32Array, kvd: number, hd: number): Float32A
     }
   }
   return a;
+}
+
+/**
+ * The f16 KV-cache layout (KvType "f16", kernels/epilogue.ts) of a (ctx, kvd) array: word
+ * (pos, head·hd/2 + i) holds elements i (low half) and i + hd/2 (high half) of that head, each
+ * rounded to f16 (to nearest, ties to even). The same words fill the buffer and the texture.
+ */
+export function kvHalves(a: Float32Array, kvd: number, hd: number): Uint32Array<ArrayBuffer> {
+  const pairs = new Float32Array(kvPairs(a, kvd, hd).buffer);
+  return new Uint32Array(Float16Array.from(pairs).buffer); // little-endian: pair[0] low
+}
+
+/** The inverse of {@link kvHalves}: (ctx, kvd) values from the packed words. */
+export function kvUnhalves(words: Uint32Array, kvd: number, hd: number): Float32Array {
+  const halves = new Float16Array(words.buffer, words.byteOffset, words.length * 2);
+  return kvUnpairs(new Uint32Array(Float32Array.from(halves).buffer), kvd, hd);
 }
 
 export class Harness {
@@ -115,26 +132,36 @@ export class Harness {
     return tex;
   }
 
-  /** A KV-cache texture (kvd/2, ctx) rg32uint holding `a` (ctx, kvd) in the paired layout. */
-  kvTexture(a: Float32Array, kvd: number, hd: number): GPUTexture {
-    const ctx = a.length / kvd;
+  /**
+   * A KV-cache texture (kvd/2, ctx) holding `a` (ctx, kvd) in the paired layout: rg32uint of f32
+   * pairs, or with `type` f16 r32uint of packed halves ({@link kvHalves}).
+   */
+  kvTexture(a: Float32Array, kvd: number, hd: number, type: KvType = "f32"): GPUTexture {
+    const ctx = a.length / kvd, f16 = type === "f16";
     const tex = this.device.createTexture({
       label: "kv",
       size: [kvd / 2, ctx],
-      format: "rg32uint",
+      format: f16 ? "r32uint" : "rg32uint",
       usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.STORAGE_BINDING |
         GPUTextureUsage.COPY_DST | GPUTextureUsage.COPY_SRC,
     });
-    this.device.queue.writeTexture({ texture: tex }, kvPairs(a, kvd, hd), {
-      bytesPerRow: kvd * 4,
+    const data = f16 ? kvHalves(a, kvd, hd) : kvPairs(a, kvd, hd);
+    this.device.queue.writeTexture({ texture: tex }, data, {
+      bytesPerRow: kvd * (f16 ? 2 : 4),
     }, [kvd / 2, ctx]);
     this.#owned.push(tex);
     return tex;
   }
 
-  /** Reads a KV-cache texture back as (ctx, kvd) values. */
-  async readKvTexture(tex: GPUTexture, kvd: number, hd: number): Promise<Float32Array> {
-    const ctx = tex.height, row = kvd * 4, stride = Math.ceil(row / 256) * 256;
+  /** Reads a KV-cache texture (of element type `type`) back as (ctx, kvd) values. */
+  async readKvTexture(
+    tex: GPUTexture,
+    kvd: number,
+    hd: number,
+    type: KvType = "f32",
+  ): Promise<Float32Array> {
+    const words = type === "f16" ? kvd / 2 : kvd;
+    const ctx = tex.height, row = words * 4, stride = Math.ceil(row / 256) * 256;
     const staging = this.device.createBuffer({
       size: stride * ctx,
       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
@@ -147,13 +174,13 @@ export class Harness {
     this.device.queue.submit([enc.finish()]);
     await staging.mapAsync(GPUMapMode.READ);
     const all = new Uint8Array(staging.getMappedRange());
-    const words = new Uint32Array(ctx * kvd);
+    const out = new Uint32Array(ctx * words);
     for (let p = 0; p < ctx; p++) {
-      words.set(new Uint32Array(all.slice(p * stride, p * stride + row).buffer), p * kvd);
+      out.set(new Uint32Array(all.slice(p * stride, p * stride + row).buffer), p * words);
     }
     staging.unmap();
     staging.destroy();
-    return kvUnpairs(words, kvd, hd);
+    return type === "f16" ? kvUnhalves(out, kvd, hd) : kvUnpairs(out, kvd, hd);
   }
 
   bindGroup(pipeline: GPUComputePipeline, names: string[], bufs: Record<string, Bindable>) {

@@ -17,6 +17,7 @@ import {
   matvecQShape,
   type MatvecQVariant,
   matvecQWgsl,
+  MAX_Q_BATCH,
   qGroup,
 } from "../kernels/matvec_q.ts";
 import {
@@ -594,7 +595,7 @@ Deno.test("quantized kernels reject unsupported group sizes, batches and uniform
     tpr: 1,
     upw: 8,
     upt: 1,
-    batch: 9,
+    batch: MAX_Q_BATCH + 1,
   };
   assert.throws(() => matvecQWgsl(v), ParameterError);
   assert.throws(() => matvecQWgsl({ ...v, batch: 4, xUniform: true }), ParameterError);

@@ -163,10 +163,12 @@ Deno.test({
     const opts = { perLine: true, maxTokens: 600 };
     const cpu = await cpuModel(dir);
     const want = await perplexity(cpu.model, cpu.tokenizer, text, opts);
+    // f32 weights and KV cache (the f16 cache against this: tests/kv_cache_test.ts)
     const { model, tokenizer } = await loadModel(dir, {
       gpu: await testGpu(),
       quiet: true,
       dtype: "f32",
+      kvType: "f32",
     });
     const got = await perplexity(model, tokenizer, text, opts);
     assert.deepEqual([got.tokens, got.windows], [600, 2]);

@@ -9,6 +9,8 @@ import { dirname } from "node:path";
 import { ParameterError } from "../errors.ts";
 import { describeDrivers, pickDrivers, vulkanDrivers } from "../../kernels/adapter.ts";
 import type { WeightDType } from "../model/gpu_weights.ts";
+import { checkKvType } from "../model/run_state.ts";
+import type { KvType } from "../../kernels/epilogue.ts";
 
 /** Errors the project throws on purpose: runMain prints their message as one line. */
 const KNOWN = new Set([
@@ -297,4 +299,9 @@ export function dtypeOption(v: string): WeightDType | "auto" {
     throw new ParameterError(`--dtype must be auto, f32 or f16; got "${v}"`);
   }
   return v;
+}
+
+/** The --kv-cache option (the KV cache's element type); undefined, the default, when absent. */
+export function kvCacheOption(v: string | undefined): KvType | undefined {
+  return v === undefined ? undefined : checkKvType(v, "--kv-cache");
 }

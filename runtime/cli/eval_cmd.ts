@@ -15,7 +15,14 @@ import { ReferenceModel } from "../reference/reference.ts";
 import { type LogitsModel, perplexity, referenceLogitsModel } from "../reference/perplexity.ts";
 import type { Tokenizer } from "../tokenizer/tokenizer.ts";
 import { ParameterError } from "../errors.ts";
-import { dtypeOption, numberOption, parseCli, readTextInput, runMain } from "./cli.ts";
+import {
+  dtypeOption,
+  kvCacheOption,
+  numberOption,
+  parseCli,
+  readTextInput,
+  runMain,
+} from "./cli.ts";
 
 const USAGE = `usage: deno task eval --model PATH --text FILE [options]
   --model PATH         Hugging Face model directory, llama2.c .bin, or .lowbit file
@@ -27,6 +34,7 @@ const USAGE = `usage: deno task eval --model PATH --text FILE [options]
   --per-line           score each non-empty line on its own (BOS first)
   --cpu                run the float64 CPU reference instead of the GPU (slow, exact)
   --dtype auto|f32|f16 weight storage on the GPU (default auto: as the checkpoint)
+  --kv-cache f16|f32   KV cache element type (default f16 where the adapter has shader-f16)
   --json               print the result as JSON
   --adapter NAME|N     Vulkan driver to use (\`--adapter list\` lists them)`;
 
@@ -65,6 +73,7 @@ async function main(args: string[]): Promise<void> {
       "per-line": { type: "boolean", default: false },
       cpu: { type: "boolean", default: false },
       dtype: { type: "string", default: "auto" },
+      "kv-cache": { type: "string" },
       json: { type: "boolean", default: false },
       help: { type: "boolean", default: false },
     },
@@ -76,6 +85,7 @@ async function main(args: string[]): Promise<void> {
   if (!a.model) throw new ParameterError(`--model is required\n${USAGE}`);
   if (!a.text) throw new ParameterError(`--text is required\n${USAGE}`);
   const dtype = dtypeOption(a.dtype!);
+  const kvType = kvCacheOption(a["kv-cache"]);
   const ctx = posInt("ctx", a.ctx), maxTokens = posInt("max-tokens", a["max-tokens"]);
   const text = await readTextInput("--text", a.text);
 
@@ -99,10 +109,11 @@ async function main(args: string[]): Promise<void> {
       tokenizer: a.tokenizer,
       dtype,
       ctx,
+      kvType,
     });
     model = loaded.model;
     tokenizer = loaded.tokenizer;
-    engine = loaded.gpu.adapterName;
+    engine = `${loaded.gpu.adapterName}, KV cache ${loaded.model.state.kvType}`;
   }
 
   const t0 = performance.now();

@@ -16,7 +16,15 @@ import {
   validateSamplingParams,
 } from "../model/sampling.ts";
 import { ParameterError } from "../errors.ts";
-import { dtypeOption, intOption, numberOption, parseCli, runMain, writeStdout } from "./cli.ts";
+import {
+  dtypeOption,
+  intOption,
+  kvCacheOption,
+  numberOption,
+  parseCli,
+  runMain,
+  writeStdout,
+} from "./cli.ts";
 import { describeWeights } from "../model/gpu_weights.ts";
 import { encodeChat } from "../tokenizer/chat_template.ts";
 
@@ -36,6 +44,7 @@ const USAGE = `usage: deno task generate --model PATH [options]
   --seed S             sampling seed (default: random)
   --dtype auto|f32|f16 weight storage on the GPU (default auto: as the checkpoint)
   --ctx N              context length (default: the model's, at most 2048)
+  --kv-cache f16|f32   KV cache element type (default f16 where the adapter has shader-f16)
   --adapter NAME|N     Vulkan driver to use (\`--adapter list\` lists them; default
                        $LOWBIT_ADAPTER, else the GPU WebGPU prefers)`;
 
@@ -67,6 +76,7 @@ async function main(args: string[]): Promise<void> {
       seed: { type: "string" },
       dtype: { type: "string", default: "auto" },
       ctx: { type: "string" },
+      "kv-cache": { type: "string" },
       help: { type: "boolean", default: false },
     },
   });
@@ -91,10 +101,12 @@ async function main(args: string[]): Promise<void> {
   validateSamplingParams(sampling);
   const maxTokens = intOption("max-tokens", a["max-tokens"], 1)!;
   const dtype = dtypeOption(a.dtype!);
+  const kvType = kvCacheOption(a["kv-cache"]);
   const { model, tokenizer, gpu } = await loadModel(a.model, {
     tokenizer: a.tokenizer,
     dtype,
     ctx: a.ctx === undefined ? undefined : num("ctx", a.ctx),
+    kvType,
   });
   const text = a.chat
     ? tokenizer.applyChatTemplate([{ role: "user", content: a.prompt! }])
@@ -117,7 +129,7 @@ async function main(args: string[]): Promise<void> {
     } tok/s | ` +
       `decode ${s.generatedTokens} tok at ${decodeTps.toFixed(1)} tok/s | ` +
       `ttft ${s.ttftMs.toFixed(1)} ms | ${s.finishReason} | ${describeWeights(model.weights)} | ` +
-      gpu.adapterName,
+      `KV cache ${model.state.kvType} | ${gpu.adapterName}`,
   );
 }
 

@@ -23,6 +23,7 @@ import {
   matvecQGrid,
   matvecQPipeline,
   matvecQShape,
+  MAX_Q_BATCH,
 } from "../../kernels/matvec_q.ts";
 import {
   matmulQBindings,
@@ -31,6 +32,7 @@ import {
   matmulQShape,
 } from "../../kernels/matmul_q.ts";
 import { attentionGrid, attentionGroup, attentionPipeline } from "../../kernels/attention.ts";
+import { type TunedShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
 import { type SampleOptions, sampleOptions, samplePipeline } from "../../kernels/sample.ts";
 import { adjustPipeline, historyPipeline } from "../../kernels/penalties.ts";
 
@@ -49,6 +51,9 @@ export function encodeDispatches(pass: GPUComputePassEncoder, list: Dispatch[], 
     pass.dispatchWorkgroups(x, y, z);
   }
 }
+
+/** The most tokens one workgroup of the dense texture kernels takes (kernels/dense_texture.ts). */
+const DENSE_TT = 8;
 
 /** Resources by binding name: buffers, buffer ranges, textures. */
 type Buffers = Record<string, Bindable>;
@@ -72,6 +77,20 @@ function spread<S extends { tpr: number; upw: number; upt?: number }>(
   let upt = shape.upt;
   while (upt > 1 && Math.ceil(units / (8 * upt)) < 4) upt = Math.ceil(upt / 2);
   return { ...shape, upt, upw: 8 * upt };
+}
+
+/**
+ * The thread shape of a quantized matrix kernel: the tuner's choice for this adapter and key
+ * (`gpu.tuned`, kernels/tuner.ts), used as it is, else the heuristic: matvecQShape spread over
+ * the cores, or matmulQShape. `tuned` false gives the heuristic (the tuner's baseline).
+ */
+export function qKernelShape(gpu: Gpu, key: TuneKey, e: Epilogue, tuned = true): TunedShape {
+  const t = tuned ? gpu.tuned.get(tuneKeyString(key)) : undefined;
+  if (t) return t;
+  if (key.family === "matvec_q") {
+    return spread(matvecQShape(gpu, key.K, key.tokens, e), unitCount(e, key.rows), gpu);
+  }
+  return matmulQShape(gpu, e, key.tokens || undefined);
 }
 
 /** Builds dispatches from pipelines and named buffers. */
@@ -126,7 +145,18 @@ export class Builder {
     if (W.format === "q") {
       return W.chunks.map((c) => {
         const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
-        const shape = spread(matvecQShape(this.gpu, W.K, 1, e), unitCount(e, c.rows), this.gpu);
+        const shape = qKernelShape(this.gpu, {
+          family: "matvec_q",
+          bits: W.bits,
+          groupSize: W.groupSize,
+          rows: c.rows,
+          K: W.K,
+          tokens: 1,
+          epilogue: e.kind,
+          norm: norm !== null,
+          weights: W.weights,
+          xUniform,
+        }, e);
         const v = {
           bits: W.bits,
           groupSize: W.groupSize,
@@ -166,16 +196,21 @@ export class Builder {
     });
   }
 
-  /** The qkv epilogue writes the KV cache in the run state's layout. */
+  /** The qkv epilogue writes the KV cache in the run state's layout and element type. */
   kvEpilogue(e: Epilogue): Epilogue {
-    return e.kind === "qkv" ? { ...e, kv: this.state.kv } : e;
+    return e.kind === "qkv" ? { ...e, kv: this.state.kv, kvType: this.state.kvType } : e;
   }
 
   /** epilogue(W · x[t]) for each of the step's tokens. */
   matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
-    const tt = this.rowsPerStep;
+    // the dense kernels take at most DENSE_TT tokens per workgroup: more rows run as several
+    // token groups, and x as a uniform buffer needs the step in one group
+    const rows = this.rowsPerStep;
+    const tt = rows && W.format !== "q" ? Math.min(rows, DENSE_TT) : rows;
     const s = this.state as unknown as Buffers;
-    const x = tt && W.weights === "texture" ? this.uniform(bufs.x ?? s.x, tt * W.K * 4) : null;
+    const x = tt && tt === rows && W.weights === "texture"
+      ? this.uniform(bufs.x ?? s.x, tt * W.K * 4)
+      : null;
     const xb: Buffers = x ? { x } : {};
     if (W.format === "q") {
       return W.chunks.map((c) => {
@@ -188,7 +223,18 @@ export class Builder {
           epilogue: e,
           weights: W.weights,
           xUniform: x !== null,
-          ...matmulQShape(this.gpu, e, tt),
+          ...qKernelShape(this.gpu, {
+            family: "matmul_q",
+            bits: W.bits,
+            groupSize: W.groupSize,
+            rows: c.rows,
+            K: W.K,
+            tokens: tt ?? 0,
+            epilogue: e.kind,
+            norm: false,
+            weights: W.weights,
+            xUniform: x !== null,
+          }, e),
         };
         const pipeline = matmulQPipeline(this.gpu, v);
         const bufs2 = { ...bufs, ...xb, qweight: c.qweight, sz: c.sz };
@@ -253,6 +299,7 @@ export class Builder {
       headDim: c.headDim,
       wg: tex ? 8 : this.gpu.isCpu ? 32 : 64,
       kv: this.state.kv,
+      kvType: this.state.kvType,
       qUniform: q !== null,
       gq: tex ? attentionGroup(c.nHeads, c.nKvHeads, c.headDim) : 1,
     };
@@ -376,7 +423,22 @@ function layersPlan(b: Builder, c: ModelConfig, w: GpuWeights): Dispatch[] {
 }
 
 /**
- * A batched decode step of up to `rows` (≤ 8) sequences, up to the logits of every row in `out`:
+ * The row counts of the batched decode plans (GpuModel.decodeBatch builds one per count on first
+ * use): a step of B rows runs the smallest plan of at least B rows (its kernels take every row in
+ * one token group, each weight read once per step), a step of more rows the prefill kernels. Two
+ * sizes, since a plan's kernels compute all of its rows: a step of 3 rows is cheaper in the 8-row
+ * plan. CPU adapters stop at 8: 32 rows of x pass the 64 KiB uniform limit from K = 512 on, and
+ * read from a storage buffer (a per-lane loop on lavapipe) the 32-row kernels took 1.8× the time
+ * per row of the 8-row ones (`deno task tune`, SmolLM2 shape W4 g128, qkv: 5833 µs at 32 rows,
+ * 810 µs at 8), so there more rows run the prefill kernels.
+ */
+export function decodeRowPlans(gpu: Gpu): readonly number[] {
+  return gpu.isCpu ? [8] : [8, MAX_Q_BATCH];
+}
+
+/**
+ * A batched decode step of up to `rows` (≤ MAX_Q_BATCH) sequences, up to the logits of every row
+ * in `out`:
  * the prefill's dispatches with the matrix kernels taking every row in one token group, so that
  * each weight is read once per step (the batched matrix-vector product of continuous batching).
  */

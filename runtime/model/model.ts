@@ -12,25 +12,25 @@ import {
   validateSamplingParams,
 } from "./sampling.ts";
 import { type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.ts";
-import { createRunState, type RunState } from "./run_state.ts";
+import { checkKvType, createRunState, type RunState } from "./run_state.ts";
 import {
   buildAllLogits,
   buildDecodeRows,
   buildForward,
   buildRowSampler,
+  decodeRowPlans,
   type Dispatch,
   encodeDispatches,
   type ForwardPlan,
 } from "./forward.ts";
 import { type Gpu } from "../../kernels/gpu.ts";
+import { autoTune } from "./tune_plan.ts";
+import type { KvType } from "../../kernels/epilogue.ts";
 import { MAX_ROWS, packStep, type StepParams, type StepRow } from "../../kernels/common.ts";
 import { packSamplerConfig } from "../../kernels/penalties.ts";
 
 /** Host sampling parameters plus the seed of the GPU sampler's random numbers. */
 export type SamplingParams = HostSamplingParams & { seed: number };
-
-/** Rows of a batched decode step that share one pass over each weight (kernels' tokens ≤ 8). */
-const BATCH_ROWS = 8;
 
 export const GREEDY: SamplingParams = { temperature: 0, topK: 0, topP: 1, seed: 0 };
 
@@ -45,6 +45,11 @@ export interface LoadOptions {
    * buffer of its own; `decodeBatch` steps several of them in one pass over the weights.
    */
   slots?: number;
+  /**
+   * KV cache element type (kernels/epilogue.ts KvType; default: f16 where the adapter has
+   * shader-f16, else f32 — run_state.ts defaultKvType). Forks and withSlots keep it.
+   */
+  kvType?: KvType;
   onProgress?: (bytes: number, total: number) => void;
 }
 
@@ -65,8 +70,8 @@ export class GpuModel {
   } | null = null;
   /** The sampling parameters each slot's sampler config was last written from. */
   private readonly slotSampling: (SamplingParams | undefined)[] = [];
-  /** decodeBatch's layers and logits for up to {@link BATCH_ROWS} rows (built on first use). */
-  private rowsPlan: Dispatch[] | null = null;
+  /** decodeBatch's layers and logits by decodeRowPlans row count (built on first use). */
+  private readonly rowsPlans = new Map<number, Dispatch[]>();
 
   private constructor(
     readonly gpu: Gpu,
@@ -96,9 +101,11 @@ export class GpuModel {
     if (!Number.isInteger(slots) || slots < 1) {
       throw new ParameterError(`slots must be a positive integer; got ${slots}`);
     }
+    if (opts.kvType !== undefined) checkKvType(opts.kvType, "kvType");
     return await gpu.validated("loading the model", async () => {
       const weights = await uploadWeights(gpu, ckpt, dtype, opts.onProgress);
-      const state = createRunState(gpu, c, ctx, maxT, slots);
+      await autoTune(gpu, c, weights); // first run on a GPU: tune its kernels (tune_plan.ts)
+      const state = createRunState(gpu, c, ctx, maxT, slots, opts.kvType);
       return new GpuModel(gpu, c, weights, state);
     });
   }
@@ -250,8 +257,8 @@ export class GpuModel {
   /**
    * One decode step of several sequences in one pass over the weights (one submit, no wait):
    * row t embeds tokens[rows[t].pos] of its slot and samples the slot's tokens[pos + 1] with its
-   * own sampling parameters: the layers (up to 8 rows: buildDecodeRows, each weight read once;
-   * more: the prefill kernels), the logits of every row, then the per-row sampler. `extra` is
+   * own sampling parameters: the layers (up to MAX_Q_BATCH rows: buildDecodeRows, each weight
+   * read once; more: the prefill kernels), the logits of every row, then the per-row sampler. `extra` is
    * encoded after it (e.g. a read-back copy).
    */
   decodeBatch(rows: BatchRow[], extra?: (e: GPUCommandEncoder) => void): void {
@@ -275,16 +282,14 @@ export class GpuModel {
     this.writeStep(rows[0].pos, B, rows[B - 1].sampling, 0, stepRows);
     const enc = this.gpu.device.createCommandEncoder();
     const pass = enc.beginComputePass();
-    if (B <= BATCH_ROWS) {
-      this.rowsPlan ??= buildDecodeRows(
-        this.gpu,
-        this.config,
-        this.weights,
-        this.state,
-        BATCH_ROWS,
-        head.buffer,
-      );
-      encodeDispatches(pass, this.rowsPlan, B);
+    const size = decodeRowPlans(this.gpu).find((n) => B <= n);
+    if (size !== undefined) {
+      let plan = this.rowsPlans.get(size);
+      if (!plan) {
+        plan = buildDecodeRows(this.gpu, this.config, this.weights, this.state, size, head.buffer);
+        this.rowsPlans.set(size, plan);
+      }
+      encodeDispatches(pass, plan, B);
     } else {
       encodeDispatches(pass, this.plan.prefill, B);
       encodeDispatches(pass, head.plan, B);
@@ -317,7 +322,8 @@ export class GpuModel {
    * token buffer and step uniform. The engine runs one sequence per fork.
    */
   fork(): GpuModel {
-    const state = createRunState(this.gpu, this.config, this.ctx, this.state.maxT, this.slots);
+    const { maxT, kvType } = this.state;
+    const state = createRunState(this.gpu, this.config, this.ctx, maxT, this.slots, kvType);
     return new GpuModel(this.gpu, this.config, this.weights, state);
   }
 
@@ -329,7 +335,8 @@ export class GpuModel {
     if (!Number.isInteger(slots) || slots < 1) {
       throw new ParameterError(`slots must be a positive integer; got ${slots}`);
     }
-    const state = createRunState(this.gpu, this.config, this.ctx, this.state.maxT, slots);
+    const { maxT, kvType } = this.state;
+    const state = createRunState(this.gpu, this.config, this.ctx, maxT, slots, kvType);
     return new GpuModel(this.gpu, this.config, this.weights, state);
   }
 

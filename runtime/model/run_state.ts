@@ -2,8 +2,9 @@
 import { type ModelConfig, ropeInvFreq } from "../checkpoint/config.ts";
 import { type Gpu, STORAGE } from "../../kernels/gpu.ts";
 import { STEP_BYTES } from "../../kernels/common.ts";
-import type { KvSource } from "../../kernels/epilogue.ts";
+import type { KvSource, KvType } from "../../kernels/epilogue.ts";
 import { SAMPLER_CFG_WORDS } from "../../kernels/penalties.ts";
+import { ParameterError } from "../errors.ts";
 
 export interface RunState {
   ctx: number; // positions the KV cache holds per slot
@@ -25,8 +26,11 @@ export interface RunState {
   hist: GPUBuffer;
   /** KV cache layout (kernels/epilogue.ts KvSource): textures on CPU adapters. */
   kv: KvSource;
+  /** KV cache element type (kernels/epilogue.ts KvType): f16 halves the cache's memory. */
+  kvType: KvType;
   kcache: (GPUBuffer | GPUTexture)[]; // per layer (slots·ctx, nKvHeads·headDim)
   vcache: (GPUBuffer | GPUTexture)[]; // per layer (slots·ctx, nKvHeads·headDim)
+  /** GPU memory of the activations, KV cache, RoPE table and sampler state. */
   bytes: number;
 }
 
@@ -43,13 +47,35 @@ export function kvSource(gpu: Gpu, ctx: number, kvd: number): KvSource {
   return gpu.isCpu && ctx <= max && kvd / 2 <= max ? "texture" : "buffer";
 }
 
+/**
+ * The default KV element type: f16 where the device has `shader-f16` (Gpu.shaderF16), f32
+ * otherwise. Packing halves needs no extension; the feature marks adapters built for half
+ * precision, and `createGpu({ allowShaderF16: false })` turns f16 off for weights and cache alike.
+ */
+export function defaultKvType(gpu: Gpu): KvType {
+  return gpu.shaderF16 ? "f16" : "f32";
+}
+
+/** The element types {@link createRunState} accepts (the CLIs' `--kv-cache`). */
+export const KV_TYPES: readonly KvType[] = ["f16", "f32"];
+
+/** `t` if it is a KV element type; a ParameterError naming `what` and the value otherwise. */
+export function checkKvType(t: unknown, what = "the KV cache type"): KvType {
+  if (!KV_TYPES.includes(t as KvType)) {
+    throw new ParameterError(`${what} must be ${KV_TYPES.join(" or ")}; got ${JSON.stringify(t)}`);
+  }
+  return t as KvType;
+}
+
 export function createRunState(
   gpu: Gpu,
   c: ModelConfig,
   ctx: number,
   maxT: number,
   slots = 1,
+  kvType: KvType = defaultKvType(gpu),
 ): RunState {
+  checkKvType(kvType);
   const qd = c.nHeads * c.headDim, kvd = c.nKvHeads * c.headDim;
   let bytes = 0;
   const f32 = (label: string, n: number) => {
@@ -58,13 +84,15 @@ export function createRunState(
   };
   const rows = ctx * slots;
   const kv = kvSource(gpu, rows, kvd);
+  // f32: 4 bytes an element; f16: rotate-half pairs of halves in one u32 (see KvType)
+  const kvBytes = rows * kvd * (kvType === "f16" ? 2 : 4);
   const cache = (label: string) => {
-    if (kv === "buffer") return f32(label, rows * kvd);
-    bytes += rows * kvd * 4;
+    bytes += kvBytes;
+    if (kv === "buffer") return gpu.buffer(label, kvBytes, ACT_USAGE);
     return gpu.device.createTexture({
       label,
       size: [kvd / 2, rows],
-      format: "rg32uint",
+      format: kvType === "f16" ? "r32uint" : "rg32uint",
       usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.STORAGE_BINDING,
     });
   };
@@ -94,6 +122,7 @@ export function createRunState(
     scfg: gpu.buffer("scfg", slots * SAMPLER_CFG_WORDS * 4, STORAGE | GPUBufferUsage.COPY_DST),
     hist: gpu.buffer("hist", slots * c.vocabSize * 4, STORAGE),
     kv,
+    kvType,
     kcache: Array.from({ length: c.nLayers }, (_, l) => cache(`kcache.${l}`)),
     vcache: Array.from({ length: c.nLayers }, (_, l) => cache(`vcache.${l}`)),
     bytes: bytes + table.byteLength + slots * (SAMPLER_CFG_WORDS + c.vocabSize) * 4,

@@ -1,0 +1,804 @@
+/**
+ * The kernel tuner: for one quantized matrix kernel as the forward plan runs it (a
+ * {@link TuneKey}), enumerate thread shapes ({@link candidates}), run each on random weights and
+ * inputs, check its output against the float64 TypeScript reference (dequantize() the packed
+ * weights, multiply, apply the epilogue: the tests' reference; a variant that fails is rejected
+ * with the reason, never chosen), time the correct ones (several dispatches in one compute pass
+ * between timestamp queries, the median of a few passes; wall-clock of the submitted passes
+ * where the adapter lacks timestamp-query) and keep the fastest ({@link chooseVariant}: a pure
+ * function of the timings). The runtime reads the choices back from the tune cache
+ * (kernels/tune_cache.ts) through `gpu.tuned`.
+ *
+ * Knobs: tpr (threads per unit), upt (units per thread), upw (units per workgroup, upw / upt
+ * thread slots of tpr threads) and, for prefill, tt (tokens per workgroup). The kernels have no
+ * separate words-per-load or unroll parameter: a thread's loads are its tpr-strided spans and
+ * its rows × tokens body is unrolled whole, so upt and tt are the unroll.
+ */
+import type { Epilogue } from "./epilogue.ts";
+import { isPair, unitCount } from "./epilogue.ts";
+import type { Gpu } from "./gpu.ts";
+import { packStep, STEP_BYTES } from "./common.ts";
+import {
+  createQTextures,
+  matvecQBindings,
+  matvecQGrid,
+  matvecQKey,
+  matvecQPipeline,
+  type MatvecQVariant,
+  matvecQWgsl,
+} from "./matvec_q.ts";
+import {
+  matmulQBindings,
+  matmulQGrid,
+  matmulQKey,
+  matmulQPipeline,
+  type MatmulQVariant,
+  matmulQWgsl,
+} from "./matmul_q.ts";
+import {
+  describeShape,
+  normalizeKey,
+  type TunedShape,
+  tunedShapeProblem,
+  type TuneKey,
+  tuneKeyString,
+} from "./tune_key.ts";
+import type { TunedEntry } from "./tune_cache.ts";
+import { packQ } from "../runtime/format/pack.ts";
+import { dequantize, nGroups, qRange, type QuantizedLinear } from "../runtime/format/qtensor.ts";
+import { ParameterError } from "./errors.ts";
+
+/** One kernel to tune: its key, its real epilogue and the shape the runtime uses untuned. */
+export interface TuneJob {
+  key: TuneKey;
+  epilogue: Epilogue;
+  /** The heuristic shape (matvecQShape / matmulQShape as the forward plan applies them). */
+  default: TunedShape;
+}
+
+/** The values each knob takes; {@link candidates} crosses them and drops invalid shapes. */
+export interface TuneSpace {
+  tpr: number[];
+  /** Units per thread (a unit is a row, or a row pair of the gateup/qkv epilogues). */
+  upt: number[];
+  /** Thread slots per workgroup (upw = upt · slots). */
+  slots: number[];
+  /** Tokens per workgroup of prefill keys (batched steps use their row count). */
+  tt: number[];
+}
+
+/**
+ * The default search space. CPU adapters (lavapipe): tpr = 1, 4..32 weight rows per thread (from
+ * 2 above 8 tokens), 8 threads per workgroup (one SIMD group); GPUs: tpr 8..128 × upt 1, 2, 4 ×
+ * 1..8 slots. Prefill keys also try tt 4, 8 (CPU) or 8, 16 (GPU).
+ */
+export function defaultSpace(gpu: Gpu, key: TuneKey): TuneSpace {
+  const P = pairKind(key) ? 2 : 1;
+  if (gpu.isCpu) {
+    // 2 rows per thread only for the steps of many tokens, whose body is tokens × rows
+    const rows = key.tokens > 8 ? [2, 4, 8, 16, 32] : [4, 8, 16, 32];
+    return {
+      tpr: [1],
+      upt: rows.map((r) => r / P).filter((u) => u >= 1),
+      slots: [8],
+      tt: key.tokens === 0 ? [4, 8] : [key.tokens],
+    };
+  }
+  return {
+    tpr: [8, 16, 32, 64, 128],
+    upt: [1, 2, 4],
+    slots: [1, 2, 4, 8],
+    tt: key.tokens === 0 ? [8, 16] : [key.tokens],
+  };
+}
+
+function pairKind(key: TuneKey): boolean {
+  return key.epilogue === "gateup" || key.epilogue === "qkv";
+}
+
+/**
+ * The most accumulators (weight rows × tokens) one thread may hold: the unrolled body grows
+ * with it (lavapipe takes seconds to compile 128) and GPUs spill registers past ~64.
+ */
+function maxAccumulators(gpu: Gpu): number {
+  return gpu.isCpu ? 128 : 64;
+}
+
+/**
+ * The shapes to try for `key`, in a fixed order: `def` (the heuristic) first, then the space's
+ * product (tt, tpr, upt, slots, each ascending as given), without duplicates and without shapes
+ * the kernel or the device rejects ({@link tunedShapeProblem}), with more than
+ * {@link maxAccumulators}, more threads per unit than K has vec4 (threads with nothing to do),
+ * or, on GPUs, fewer than 32 threads per workgroup.
+ */
+export function candidates(
+  gpu: Gpu,
+  key: TuneKey,
+  def: TunedShape | null,
+  space: Partial<TuneSpace> = {},
+): TunedShape[] {
+  const k = normalizeKey(key);
+  const sp = { ...defaultSpace(gpu, k), ...space };
+  const P = pairKind(k) ? 2 : 1;
+  const limits = gpu.device.limits;
+  const out: TunedShape[] = [], seen = new Set<string>();
+  const add = (s: TunedShape, filtered: boolean) => {
+    const name = describeShape(s);
+    if (seen.has(name) || tunedShapeProblem(k, s, limits) !== null) return;
+    if (filtered) {
+      const tokens = k.family === "matvec_q" ? k.tokens : s.tt!;
+      if (P * s.upt * tokens > maxAccumulators(gpu)) return;
+      if (s.tpr > 1 && (s.tpr > k.K / 4 || (!gpu.isCpu && s.tpr * (s.upw / s.upt) < 32))) return;
+    }
+    seen.add(name);
+    out.push(s);
+  };
+  if (def) add(def, false);
+  const tts = k.family === "matvec_q" ? [undefined] : sp.tt;
+  for (const tt of tts) {
+    for (const tpr of sp.tpr) {
+      for (const upt of sp.upt) {
+        for (const slots of sp.slots) {
+          const s: TunedShape = { tpr, upt, upw: upt * slots };
+          if (tt !== undefined) s.tt = tt;
+          add(s, true);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/** A variant's outcome: its median time, or why it was rejected. */
+export interface VariantResult {
+  shape: TunedShape;
+  /** Median µs per dispatch (NaN when rejected). */
+  us: number;
+  /** Why the variant was rejected (compile/validation error, wrong output), or null. */
+  error: string | null;
+}
+
+/**
+ * The index of the fastest correct variant: the lowest finite median among those without an
+ * error, ties to the earliest (enumeration order, the heuristic first); -1 when none is correct.
+ * A pure function of its input, so the choice is deterministic given the timings.
+ */
+export function chooseVariant(results: readonly { us: number; error: string | null }[]): number {
+  let best = -1;
+  results.forEach((r, i) => {
+    if (r.error !== null || !Number.isFinite(r.us)) return;
+    if (best < 0 || r.us < results[best].us) best = i;
+  });
+  return best;
+}
+
+export interface TuneResult {
+  key: TuneKey;
+  /** tuneKeyString(key). */
+  name: string;
+  variants: VariantResult[];
+  /** Index of the chosen variant in `variants` (-1: none was correct). */
+  best: number;
+  /** The chosen shape, or null. */
+  shape: TunedShape | null;
+  us: number;
+  /** The heuristic shape's time (NaN if it was rejected). */
+  defaultUs: number;
+  /** Wall-clock ms the job took (compiles, checks, timing). */
+  ms: number;
+}
+
+export interface TuneOptions {
+  /** Narrows or replaces the search space (tests use small ones on lavapipe). */
+  space?: Partial<TuneSpace>;
+  /** Timed passes per variant, the median is kept (default 3 on CPU adapters, 5 on GPUs). */
+  repeats?: number;
+  /** Dispatches per timed pass (default 2 on CPU adapters, 20 on GPUs). */
+  dispatches?: number;
+  /** Tokens of a prefill key's timed step (default 16 on CPU adapters, 128 on GPUs). */
+  prefillTokens?: number;
+  /**
+   * Test hook: rewrites variant i's WGSL (that pipeline is then compiled outside the pipeline
+   * cache), e.g. to inject a wrong kernel that the check must reject.
+   */
+  transformWgsl?: (wgsl: string, shape: TunedShape, index: number) => string;
+  /** Test hook: variant i's time in µs instead of measuring it (after its check). */
+  time?: (shape: TunedShape, index: number) => number;
+}
+
+/** The progress line of a result: "tune 3/14 KEY: 7 variants, best … (41 µs), default 55 µs". */
+export function describeResult(r: TuneResult, i: number, n: number): string {
+  const rejected = r.variants.filter((v) => v.error !== null).length;
+  const us = (t: number) => (Number.isFinite(t) ? `${t.toFixed(t < 100 ? 1 : 0)} µs` : "rejected");
+  const best = r.shape ? `best ${describeShape(r.shape)} (${us(r.us)})` : "no correct variant";
+  return `tune ${i}/${n} ${r.name}: ${r.variants.length} variants, ${best}, default ${
+    us(r.defaultUs)
+  }${rejected ? `, ${rejected} rejected` : ""} [${(r.ms / 1000).toFixed(1)} s]`;
+}
+
+/**
+ * Tunes each job in turn, `onResult` after each (progress); the weights of consecutive jobs
+ * over the same matrix shape are generated once.
+ */
+export async function tuneJobs(
+  gpu: Gpu,
+  jobs: TuneJob[],
+  opts: TuneOptions & { onResult?: (r: TuneResult, i: number, n: number) => void } = {},
+): Promise<TuneResult[]> {
+  const out: TuneResult[] = [];
+  const weights = new WeightsMemo(gpu);
+  try {
+    for (const [i, job] of jobs.entries()) {
+      const r = await tuneJob(gpu, job, opts, weights);
+      out.push(r);
+      opts.onResult?.(r, i + 1, jobs.length);
+    }
+  } finally {
+    weights.release();
+  }
+  return out;
+}
+
+/** Tunes one job: every candidate checked, the correct ones timed, the fastest chosen. */
+export async function tuneJob(
+  gpu: Gpu,
+  job: TuneJob,
+  opts: TuneOptions = {},
+  memo?: WeightsMemo,
+): Promise<TuneResult> {
+  const t0 = performance.now();
+  const key = normalizeKey(job.key);
+  const e = benchEpilogue(key, job.epilogue);
+  const shapes = candidates(gpu, key, job.default, opts.space);
+  const own = memo ?? new WeightsMemo(gpu);
+  const variants: VariantResult[] = [];
+  try {
+    const bench = new Bench(gpu, key, e, own.get(key), opts.prefillTokens);
+    try {
+      for (const [i, shape] of shapes.entries()) variants.push(await bench.run(shape, i, opts));
+    } finally {
+      bench.release();
+    }
+  } finally {
+    if (!memo) own.release();
+  }
+  const best = chooseVariant(variants);
+  const isDefault = (s: TunedShape) => describeShape(s) === describeShape(job.default);
+  const d = variants.find((v) => isDefault(v.shape));
+  return {
+    key,
+    name: tuneKeyString(key),
+    variants,
+    best,
+    shape: best >= 0 ? variants[best].shape : null,
+    us: best >= 0 ? variants[best].us : NaN,
+    defaultUs: d && d.error === null ? d.us : NaN,
+    ms: performance.now() - t0,
+  };
+}
+
+/**
+ * The epilogue the tuner runs for a key: the job's, with "store" at offset 0 over the key's own
+ * rows and qkv's KV cache in storage buffers (the shape's cost is the weights' reads).
+ */
+function benchEpilogue(key: TuneKey, e: Epilogue): Epilogue {
+  if (e.kind !== key.epilogue) {
+    throw new ParameterError(`tuner: epilogue ${e.kind} does not match the key's ${key.epilogue}`);
+  }
+  if (e.kind === "store") return { kind: "store", offset: 0, ld: key.rows };
+  if (e.kind === "qkv") {
+    // the cache in f32 storage buffers (the defaults), whatever the runtime's layout
+    const { nHeads, nKvHeads, headDim, bias } = e;
+    return { kind: "qkv", nHeads, nKvHeads, headDim, bias };
+  }
+  return e;
+}
+
+/** Seeded uniform numbers in [0, 1) (mulberry32). */
+function uniform01(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function randArray(n: number, seed: number, lo: number, hi: number): Float32Array {
+  const r = uniform01(seed);
+  return Float32Array.from({ length: n }, () => lo + r() * (hi - lo));
+}
+
+/** Random codes and fp16 scales/offsets, as the tests draw them. */
+function randomQl(N: number, K: number, bits: 2 | 3 | 4, G: number, seed: number): QuantizedLinear {
+  const r = uniform01(seed);
+  const { qmin } = qRange(bits), levels = 1 << bits;
+  const q = new Int8Array(N * K);
+  for (let i = 0; i < q.length; i++) q[i] = qmin + Math.floor(r() * levels);
+  const nG = nGroups(K, G);
+  const scale = Float32Array.from({ length: N * nG }, () => Math.f16round(0.011 + r() * 0.01));
+  const zero = Float32Array.from({ length: N * nG }, () => Math.f16round((r() * 2 - 1) * 0.05));
+  return { N, K, bits, groupSize: G, q, scale, zero };
+}
+
+/** Random packed weights on the GPU, kept for consecutive keys over the same matrix. */
+interface QWeightsData {
+  name: string;
+  ql: QuantizedLinear;
+  qweight: GPUBuffer | GPUTexture;
+  sz: GPUBuffer | GPUTexture;
+}
+
+class WeightsMemo {
+  #last: QWeightsData | null = null;
+  constructor(readonly gpu: Gpu) {}
+
+  get(key: TuneKey): QWeightsData {
+    const name = `${key.bits}:${key.groupSize}:${key.rows}x${key.K}:${key.weights}`;
+    if (this.#last?.name === name) return this.#last;
+    this.release();
+    const ql = randomQl(key.rows, key.K, key.bits, key.groupSize, key.rows * 7919 + key.K);
+    const packed = packQ(ql);
+    const q = { bits: key.bits, K: key.K, groupSize: key.groupSize };
+    const tex = key.weights === "texture" ? createQTextures(this.gpu, packed, q, "tune") : null;
+    this.#last = {
+      name,
+      ql,
+      qweight: tex ? tex.qweight : this.gpu.upload("tune.qweight", packed.qweight),
+      sz: tex ? tex.sz : this.gpu.upload("tune.sz", packed.sz),
+    };
+    return this.#last;
+  }
+
+  release(): void {
+    if (!this.#last) return;
+    this.#last.qweight.destroy();
+    this.#last.sz.destroy();
+    this.#last = null;
+  }
+}
+
+const SENTINEL = -12345;
+const EPS = 1e-5;
+/** Keys with more multiply-adds than this check windows of units, not every unit. */
+const FULL_CHECK_MACS = 1 << 26;
+/** Units per checked window: covers every residue of a unit modulo any workgroup's units. */
+const CHECK_WINDOW = 256;
+
+/** A variant ready to dispatch. */
+interface Built {
+  pipeline: GPUComputePipeline;
+  bindGroup: GPUBindGroup;
+  grid: number[];
+}
+
+/** One output value the reference expects, with its tolerance. */
+interface Expect {
+  out: string;
+  index: number;
+  value: number;
+  tol: number;
+}
+
+/**
+ * A key's inputs, outputs and reference, shared by its variants: x (tokens, K), g, the
+ * epilogue's buffers, and the expected value of every checked output (all units, or windows of
+ * units at the start, middle and end of large matrices).
+ */
+class Bench {
+  readonly T: number;
+  readonly bufs: Record<string, GPUBuffer | GPUTexture> = {};
+  readonly outs: { name: string; buf: GPUBuffer; init: Float32Array }[] = [];
+  readonly expect: Expect[] = [];
+  #owned: GPUBuffer[] = [];
+
+  constructor(
+    readonly gpu: Gpu,
+    readonly key: TuneKey,
+    readonly e: Epilogue,
+    readonly w: QWeightsData,
+    prefillTokens?: number,
+  ) {
+    const { rows: N, K } = key;
+    const T = key.family === "matvec_q" || key.tokens > 0
+      ? key.tokens
+      : prefillTokens ?? (gpu.isCpu ? 16 : 128);
+    this.T = T;
+    const seed = N * 31 + K * 7 + T;
+    const x = randArray(T * K, seed + 1, -1, 1);
+    const g = randArray(K, seed + 2, 0.5, 1.5);
+    const uni = GPUBufferUsage.UNIFORM;
+    this.bufs.x = this.#own(gpu.upload("tune.x", x, uni));
+    this.bufs.g = this.#own(gpu.upload("tune.g", g, uni));
+    this.bufs.qweight = w.qweight;
+    this.bufs.sz = w.sz;
+    const step = gpu.buffer("tune.step", STEP_BYTES, uni | GPUBufferUsage.COPY_DST);
+    gpu.device.queue.writeBuffer(
+      step,
+      0,
+      packStep({ pos: 0, ntok: T, seed: 0, topK: 0, temperature: 0, topP: 1 }),
+    );
+    this.bufs.step = this.#own(step);
+
+    // reference inputs per token (normalized when the kernel fuses the norm)
+    const xin: Float64Array[] = [], xnorm: number[] = [];
+    for (let t = 0; t < T; t++) {
+      const v = Float64Array.from(x.subarray(t * K, (t + 1) * K));
+      if (key.norm) {
+        let ss = 0;
+        for (const a of v) ss += a * a;
+        const inv = 1 / Math.sqrt(ss / K + EPS);
+        for (let k = 0; k < K; k++) v[k] *= inv * g[k];
+      }
+      xin.push(v);
+      xnorm.push(Math.hypot(...v));
+    }
+    const units = unitCount(e, N), P = isPair(e) ? 2 : 1;
+    const checked = this.#checkedUnits(units, P * K * T);
+    const rowsOf = unitRows(e);
+    // dot products and row norms of the checked rows, from the dequantized weights
+    const rowSet = [...new Set(checked.flatMap((u) => rowsOf(u)))].sort((a, b) => a - b);
+    const dots = new Map<number, { d: Float64Array; norm: number }>();
+    for (const n of rowSet) {
+      const row = dequantRow(w.ql, n);
+      let ss = 0;
+      for (const a of row) ss += a * a;
+      const d = new Float64Array(T);
+      for (let t = 0; t < T; t++) {
+        let s = 0;
+        const v = xin[t];
+        for (let k = 0; k < K; k++) s += row[k] * v[k];
+        d[t] = s;
+      }
+      dots.set(n, { d, norm: Math.sqrt(ss) });
+    }
+    const tol = (n: number, t: number) => 1e-3 * dots.get(n)!.norm * xnorm[t];
+    const dot = (n: number, t: number) => dots.get(n)!.d[t];
+    const out = (name: string, init: Float32Array) => {
+      const buf = this.#own(
+        gpu.upload(`tune.${name}`, init, GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST),
+      );
+      this.bufs[name] = buf;
+      this.outs.push({ name, buf, init });
+    };
+    const ex = (o: string, index: number, value: number, t: number) =>
+      this.expect.push({ out: o, index, value, tol: t });
+
+    if (e.kind === "store" || e.kind === "add") {
+      const y0 = e.kind === "add"
+        ? randArray(T * N, seed + 3, -1, 1)
+        : new Float32Array(T * N).fill(SENTINEL);
+      out("y", y0);
+      for (let t = 0; t < T; t++) {
+        for (const u of checked) {
+          const i = t * N + u;
+          if (e.kind === "store") ex("y", i, dot(u, t), tol(u, t));
+          else ex("y", i, y0[i] + dot(u, t), tol(u, t) + 1e-6 * Math.abs(y0[i]));
+        }
+      }
+    } else if (e.kind === "gateup") {
+      out("y", new Float32Array(T * e.hidden).fill(SENTINEL));
+      for (let t = 0; t < T; t++) {
+        for (const u of checked) {
+          const a = dot(u, t), b = dot(u + e.hidden, t);
+          const sg = 1 / (1 + Math.exp(-a));
+          const tl = 1.1 * Math.abs(b) * tol(u, t) + Math.abs(a * sg) * tol(u + e.hidden, t);
+          ex("y", t * e.hidden + u, a * sg * b, tl + 1e-6);
+        }
+      }
+    } else {
+      const { nHeads: NH, nKvHeads: NKV, headDim: HD } = e;
+      const half = HD / 2, qd = NH * HD, kvd = NKV * HD;
+      out("q", new Float32Array(T * qd).fill(SENTINEL));
+      out("kcache", new Float32Array(T * kvd).fill(SENTINEL));
+      out("vcache", new Float32Array(T * kvd).fill(SENTINEL));
+      const rope = new Float32Array(T * half * 2);
+      for (let p = 0; p < T; p++) {
+        for (let i = 0; i < half; i++) {
+          const a = p * Math.pow(10000, (-2 * i) / HD);
+          rope[(p * half + i) * 2] = Math.cos(a);
+          rope[(p * half + i) * 2 + 1] = Math.sin(a);
+        }
+      }
+      this.bufs.rope = this.#own(gpu.upload("tune.rope", rope));
+      const bias = randArray(N, seed + 4, -1, 1);
+      if (e.bias) this.bufs.bias = this.#own(gpu.upload("tune.bias", bias));
+      for (let t = 0; t < T; t++) {
+        for (const u of checked) {
+          const [ra, rb] = rowsOf(u);
+          const head = Math.floor(u / half), i = u % half;
+          let va = dot(ra, t) + (e.bias ? bias[ra] : 0), vb = dot(rb, t) + (e.bias ? bias[rb] : 0);
+          if (head < NH + NKV) {
+            const cs = rope[(t * half + i) * 2], sn = rope[(t * half + i) * 2 + 1];
+            [va, vb] = [va * cs - vb * sn, vb * cs + va * sn];
+          }
+          const tl = tol(ra, t) + tol(rb, t) + 1e-6;
+          if (head < NH) {
+            const o = t * qd + head * HD + i;
+            ex("q", o, va, tl);
+            ex("q", o + half, vb, tl);
+          } else {
+            const cache = head < NH + NKV ? "kcache" : "vcache";
+            const o = t * kvd + (head - (head < NH + NKV ? NH : NH + NKV)) * HD + i;
+            ex(cache, o, va, tl);
+            ex(cache, o + half, vb, tl);
+          }
+        }
+      }
+    }
+  }
+
+  #own(b: GPUBuffer): GPUBuffer {
+    this.#owned.push(b);
+    return b;
+  }
+
+  /** Every unit, or windows at the start, middle and end where that is too much to check. */
+  #checkedUnits(units: number, macsPerUnit: number): number[] {
+    if (units * macsPerUnit <= FULL_CHECK_MACS || units <= 3 * CHECK_WINDOW) {
+      return Array.from({ length: units }, (_, u) => u);
+    }
+    const mid = Math.floor(units / 2 / CHECK_WINDOW) * CHECK_WINDOW + 7;
+    const set = new Set<number>();
+    for (const start of [0, mid, units - CHECK_WINDOW]) {
+      for (let u = start; u < start + CHECK_WINDOW; u++) set.add(u);
+    }
+    return [...set].sort((a, b) => a - b);
+  }
+
+  /** The variant of a shape, its pipeline (inside error scopes), bindings and grid. */
+  #build(shape: TunedShape, i: number, opts: TuneOptions): Built {
+    const { key, e, gpu } = this;
+    const common = {
+      bits: key.bits,
+      groupSize: key.groupSize,
+      rows: key.rows,
+      K: key.K,
+      epilogue: e,
+      weights: key.weights,
+      xUniform: key.xUniform,
+    };
+    let names: string[], grid: number[], cacheKey: string, wgsl: () => string;
+    let compile: () => GPUComputePipeline;
+    if (key.family === "matvec_q") {
+      const v: MatvecQVariant = {
+        ...common,
+        norm: key.norm ? { eps: EPS } : null,
+        batch: key.tokens,
+        tpr: shape.tpr,
+        upw: shape.upw,
+        upt: shape.upt,
+      };
+      names = matvecQBindings(v);
+      grid = matvecQGrid(v);
+      cacheKey = matvecQKey(v);
+      wgsl = () => matvecQWgsl(v);
+      compile = () => matvecQPipeline(gpu, v);
+    } else {
+      const v: MatmulQVariant = { ...common, ...shape };
+      names = matmulQBindings(v);
+      grid = matmulQGrid(v, this.T);
+      cacheKey = matmulQKey(v);
+      wgsl = () => matmulQWgsl(v);
+      compile = () => matmulQPipeline(gpu, v);
+    }
+    const t = opts.transformWgsl;
+    const pipeline = t
+      ? gpu.device.createComputePipeline({
+        label: `${cacheKey}~tuner${i}`,
+        layout: "auto",
+        compute: {
+          module: gpu.device.createShaderModule({ code: t(wgsl(), shape, i) }),
+          entryPoint: "main",
+        },
+      })
+      : compile();
+    const bindGroup = gpu.device.createBindGroup({
+      layout: pipeline.getBindGroupLayout(0),
+      entries: names.map((n, binding) => {
+        const r = this.bufs[n];
+        if (!r) throw new ParameterError(`tuner: no buffer for binding ${n}`);
+        return { binding, resource: r instanceof GPUBuffer ? { buffer: r } : r.createView() };
+      }),
+    });
+    return { pipeline, bindGroup, grid };
+  }
+
+  /** Checks one variant against the reference and, if it is correct, times it. */
+  async run(shape: TunedShape, i: number, opts: TuneOptions): Promise<VariantResult> {
+    const { device } = this.gpu;
+    for (const o of this.outs) this.gpu.write(o.buf, 0, o.init);
+    device.pushErrorScope("out-of-memory");
+    device.pushErrorScope("validation");
+    let built: Built | null = null, thrown: string | null = null;
+    try {
+      built = this.#build(shape, i, opts);
+      const enc = device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      pass.setPipeline(built.pipeline);
+      pass.setBindGroup(0, built.bindGroup);
+      pass.dispatchWorkgroups(built.grid[0], built.grid[1] ?? 1, built.grid[2] ?? 1);
+      pass.end();
+      device.queue.submit([enc.finish()]);
+    } catch (e) {
+      thrown = (e as Error).message;
+    }
+    const invalid = await device.popErrorScope(), oom = await device.popErrorScope();
+    const gpuError = invalid ?? oom;
+    if (gpuError || thrown !== null || !built) {
+      const msg = gpuError ? gpuError.message.split("\n").find((l) => l.trim()) : thrown;
+      return { shape, us: NaN, error: `does not run: ${msg?.trim()}` };
+    }
+    const wrong = await this.#compare();
+    if (wrong) return { shape, us: NaN, error: wrong };
+    const us = opts.time ? opts.time(shape, i) : await timeDispatches(
+      this.gpu,
+      built,
+      opts.dispatches ?? (this.gpu.isCpu ? 2 : 20),
+      opts.repeats ?? (this.gpu.isCpu ? 3 : 5),
+    );
+    return { shape, us, error: null };
+  }
+
+  /** The first output that differs from the reference beyond its tolerance, or null. */
+  async #compare(): Promise<string | null> {
+    const got: Record<string, Float32Array> = {};
+    for (const o of this.outs) got[o.name] = await readF32(this.gpu, o.buf, o.init.length);
+    let bad = 0, first = "";
+    for (const x of this.expect) {
+      const v = got[x.out][x.index], diff = Math.abs(v - x.value);
+      if (!(diff <= x.tol)) {
+        if (bad++ === 0) {
+          first = `${x.out}[${x.index}] = ${v}, expected ${x.value.toPrecision(6)} ` +
+            `(|diff| ${diff.toPrecision(3)} > ${x.tol.toPrecision(3)})`;
+        }
+      }
+    }
+    return bad ? `wrong output: ${first} (${bad} of ${this.expect.length} checked values)` : null;
+  }
+
+  release(): void {
+    for (const b of this.#owned) b.destroy();
+    this.#owned = [];
+  }
+}
+
+/** The weight rows of unit u (the kernels' unit_rows, epilogue.ts). */
+function unitRows(e: Epilogue): (u: number) => number[] {
+  if (e.kind === "gateup") return (u) => [u, u + e.hidden];
+  if (e.kind === "qkv") {
+    const half = e.headDim / 2;
+    return (u) => {
+      const r = Math.floor(u / half) * e.headDim + (u % half);
+      return [r, r + half];
+    };
+  }
+  return (u) => [u];
+}
+
+/** Row n of the dequantized weights in float64 (dequantize() of that row alone). */
+function dequantRow(ql: QuantizedLinear, n: number): Float64Array {
+  const { K } = ql, nG = nGroups(K, ql.groupSize);
+  const one: QuantizedLinear = {
+    ...ql,
+    N: 1,
+    q: ql.q.subarray(n * K, (n + 1) * K),
+    scale: ql.scale.subarray(n * nG, (n + 1) * nG),
+    zero: ql.zero.subarray(n * nG, (n + 1) * nG),
+  };
+  return dequantize(one, new Float64Array(K));
+}
+
+async function readF32(gpu: Gpu, buf: GPUBuffer, n: number): Promise<Float32Array> {
+  const read = gpu.device.createBuffer({
+    size: Math.max(4, n * 4),
+    usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+  });
+  const enc = gpu.device.createCommandEncoder();
+  enc.copyBufferToBuffer(buf, 0, read, 0, n * 4);
+  gpu.device.queue.submit([enc.finish()]);
+  await read.mapAsync(GPUMapMode.READ);
+  const out = new Float32Array(read.getMappedRange().slice(0));
+  read.destroy();
+  return out;
+}
+
+function median(a: number[]): number {
+  const s = [...a].sort((x, y) => x - y);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/**
+ * Median µs per dispatch over `repeats` compute passes of `n` dispatches each (after one
+ * untimed warm-up pass): GPU time between timestamp queries at the pass's start and end, or,
+ * without timestamp-query (or where the adapter reports none), the wall-clock time from submit
+ * to onSubmittedWorkDone.
+ */
+export async function timeDispatches(
+  gpu: Gpu,
+  d: Built,
+  n: number,
+  repeats: number,
+): Promise<number> {
+  const { device } = gpu;
+  const [x, y = 1, z = 1] = d.grid;
+  const encodePass = (pass: GPUComputePassEncoder, count: number) => {
+    pass.setPipeline(d.pipeline);
+    pass.setBindGroup(0, d.bindGroup);
+    for (let i = 0; i < count; i++) pass.dispatchWorkgroups(x, y, z);
+    pass.end();
+  };
+  {
+    const enc = device.createCommandEncoder();
+    encodePass(enc.beginComputePass(), 1);
+    device.queue.submit([enc.finish()]);
+    await device.queue.onSubmittedWorkDone();
+  }
+  const times: number[] = [];
+  if (gpu.timestamps) {
+    const querySet = device.createQuerySet({ type: "timestamp", count: 2 });
+    const resolve = device.createBuffer({
+      size: 16,
+      usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC,
+    });
+    try {
+      for (let r = 0; r < repeats; r++) {
+        const read = device.createBuffer({
+          size: 16,
+          usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
+        });
+        const enc = device.createCommandEncoder();
+        encodePass(
+          enc.beginComputePass({
+            timestampWrites: { querySet, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 },
+          }),
+          n,
+        );
+        enc.resolveQuerySet(querySet, 0, 2, resolve, 0);
+        enc.copyBufferToBuffer(resolve, 0, read, 0, 16);
+        device.queue.submit([enc.finish()]);
+        await read.mapAsync(GPUMapMode.READ);
+        const t = new BigUint64Array(read.getMappedRange().slice(0));
+        read.destroy();
+        times.push(Number(t[1] - t[0]) / 1000 / n);
+      }
+    } finally {
+      querySet.destroy();
+      resolve.destroy();
+    }
+    const m = median(times);
+    if (Number.isFinite(m) && m > 0) return m;
+    times.length = 0; // no usable timestamps: time the submits instead
+  }
+  for (let r = 0; r < repeats; r++) {
+    const enc = device.createCommandEncoder();
+    encodePass(enc.beginComputePass(), n);
+    const t0 = performance.now();
+    device.queue.submit([enc.finish()]);
+    await device.queue.onSubmittedWorkDone();
+    times.push(((performance.now() - t0) * 1000) / n);
+  }
+  return median(times);
+}
+
+/**
+ * The tune cache entries of `results` that found a correct variant: the chosen shape with its
+ * median time and the heuristic shape's (where that ran).
+ */
+export function tunedEntries(results: TuneResult[]): [string, TunedEntry][] {
+  const out: [string, TunedEntry][] = [];
+  for (const r of results) {
+    if (!r.shape) continue;
+    const e: TunedEntry = { ...r.shape, us: round2(r.us) };
+    if (Number.isFinite(r.defaultUs)) e.defaultUs = round2(r.defaultUs);
+    out.push([r.name, e]);
+  }
+  return out;
+}
+
+function round2(x: number): number {
+  return Math.round(x * 100) / 100;
+}

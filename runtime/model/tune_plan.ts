@@ -1,0 +1,184 @@
+/**
+ * Which quantized kernels a model's forward plan runs (as tuner keys, kernels/tune_key.ts), and
+ * the first-run hook: when a model loads on a GPU whose tune cache has no entry for some of its
+ * kernels, {@link autoTune} tunes them there (progress on stderr) and writes the cache, so later
+ * runs reuse the choices. CPU adapters (lavapipe) only read the cache: their shader compiles
+ * take seconds each, so they are tuned on request (`deno task tune`). `LOWBIT_TUNE=0` turns the
+ * first-run tuning off; a Gpu made by hand (tests) has no cache and is never tuned.
+ */
+import type { ModelConfig } from "../checkpoint/config.ts";
+import type { Bits } from "../format/qtensor.ts";
+import type { WeightSource } from "../../kernels/common.ts";
+import type { Epilogue } from "../../kernels/epilogue.ts";
+import { align, type Gpu } from "../../kernels/gpu.ts";
+import { bareShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
+import {
+  describeResult,
+  tunedEntries,
+  type TuneJob,
+  tuneJobs,
+  type TuneOptions,
+  type TuneResult,
+} from "../../kernels/tuner.ts";
+import { gpuAdapterId, saveTuned } from "../../kernels/tune_cache.ts";
+import { decodeRowPlans, qKernelShape } from "./forward.ts";
+
+/** What the plan needs of a weight matrix: a Matrix (gpu_weights.ts) or its description. */
+export interface MatrixShape {
+  format: string;
+  bits?: Bits;
+  groupSize?: number;
+  K: number;
+  weights: WeightSource;
+  chunks: { rowStart: number; rows: number }[];
+}
+
+/** The matrices of a model as the plan needs them: GpuWeights, or a description of one. */
+export interface PlanWeights {
+  layers: { wqkv: MatrixShape; wo: MatrixShape; w13: MatrixShape; w2: MatrixShape }[];
+  lmHead: MatrixShape;
+}
+
+export interface TunePlanOptions {
+  /** Batched decode row counts (default: the adapter's decodeRowPlans, forward.ts). */
+  batchRows?: readonly number[];
+  /** Include the prefill kernels (default true). */
+  prefill?: boolean;
+}
+
+/**
+ * Whether the Builder binds `bytes` of an activation as a uniform buffer (forward.ts
+ * Builder.uniform): CPU adapters with texture weights, within 64 KiB and the device's limit.
+ */
+function uniformFits(gpu: Gpu, weights: WeightSource, bytes: number): boolean {
+  const limit = Math.min(65536, gpu.device.limits.maxUniformBufferBindingSize);
+  return gpu.isCpu && weights === "texture" && align(bytes, 16) <= limit;
+}
+
+/**
+ * Every distinct quantized kernel the forward plans run for `w`, as tune jobs with the
+ * heuristic shape as default: the decode matrix-vector products (batch 1, fused norms), the
+ * batched decode steps of each row count and the prefill; grouped by matrix, so that the tuner
+ * draws each matrix's random weights once. Dense (f16/f32) matrices are not tuned.
+ */
+export function tunePlan(
+  gpu: Gpu,
+  c: ModelConfig,
+  w: PlanWeights,
+  opts: TunePlanOptions = {},
+): TuneJob[] {
+  const rowsList = opts.batchRows ?? decodeRowPlans(gpu);
+  const qkv: Epilogue = {
+    kind: "qkv",
+    nHeads: c.nHeads,
+    nKvHeads: c.nKvHeads,
+    headDim: c.headDim,
+    bias: c.qkvBias,
+  };
+  const add: Epilogue = { kind: "add" };
+  const gateup: Epilogue = { kind: "gateup", hidden: c.hiddenDim };
+  const uses: [MatrixShape, Epilogue, boolean][] = [];
+  for (const L of w.layers) {
+    uses.push([L.wqkv, qkv, true], [L.wo, add, false], [L.w13, gateup, true], [L.w2, add, false]);
+  }
+  uses.push([w.lmHead, { kind: "store", offset: 0, ld: c.vocabSize }, true]);
+
+  const jobs = new Map<string, TuneJob>();
+  const push = (key: TuneKey, e: Epilogue) => {
+    const name = tuneKeyString(key);
+    if (!jobs.has(name)) {
+      jobs.set(name, { key, epilogue: e, default: qKernelShape(gpu, key, e, false) });
+    }
+  };
+  for (const [M, epi, norm] of uses) {
+    if (M.format !== "q" || M.bits === undefined || M.groupSize === undefined) continue;
+    for (const chunk of M.chunks) {
+      const e: Epilogue = epi.kind === "store" ? { ...epi, offset: chunk.rowStart } : epi;
+      const base = {
+        bits: M.bits,
+        groupSize: M.groupSize,
+        rows: chunk.rows,
+        K: M.K,
+        epilogue: e.kind,
+        weights: M.weights,
+      };
+      const decodeUniform = uniformFits(gpu, M.weights, M.K * 4);
+      push({ ...base, family: "matvec_q", tokens: 1, norm, xUniform: decodeUniform }, e);
+      for (const rows of rowsList) {
+        const xUniform = uniformFits(gpu, M.weights, rows * M.K * 4);
+        push({ ...base, family: "matmul_q", tokens: rows, norm: false, xUniform }, e);
+      }
+      if (opts.prefill ?? true) {
+        push({ ...base, family: "matmul_q", tokens: 0, norm: false, xUniform: false }, e);
+      }
+    }
+  }
+  // by matrix (rows, K, format), then in the order above
+  const order = [...jobs.values()];
+  const mat = (j: TuneJob) =>
+    `${j.key.bits}:${j.key.groupSize}:${j.key.rows}x${j.key.K}:${j.key.weights}`;
+  const first = new Map<string, number>();
+  order.forEach((j, i) => first.has(mat(j)) || first.set(mat(j), i));
+  return order
+    .map((j, i) => ({ j, i }))
+    .sort((a, b) => first.get(mat(a.j))! - first.get(mat(b.j))! || a.i - b.i)
+    .map((x) => x.j);
+}
+
+/**
+ * Tunes `jobs`, a progress line per job on stderr, and files the choices in the Gpu's tune
+ * cache (or `path`) and in `gpu.tuned`. Returns the results.
+ */
+export async function tuneAndSave(
+  gpu: Gpu,
+  jobs: TuneJob[],
+  opts: TuneOptions & { path?: string; log?: (line: string) => void } = {},
+): Promise<TuneResult[]> {
+  const log = opts.log ?? ((l: string) => console.error(l));
+  const results = await tuneJobs(gpu, jobs, {
+    ...opts,
+    onResult: (r, i, n) => log(describeResult(r, i, n)),
+  });
+  const entries = tunedEntries(results);
+  for (const [k, e] of entries) gpu.tuned.set(k, bareShape(e));
+  const path = opts.path ?? gpu.tuneCache;
+  if (path) {
+    try {
+      saveTuned(path, gpuAdapterId(gpu), entries);
+    } catch (e) {
+      console.warn(`warning: cannot write the tune cache ${path}: ${(e as Error).message}`);
+    }
+  }
+  return results;
+}
+
+/**
+ * The first-run hook (GpuModel.load, before the forward plan is built): on a GPU adapter whose
+ * cache lacks some of the model's kernels, tune those now. Nothing on CPU adapters, on a Gpu
+ * made by hand (no cache) or with `LOWBIT_TUNE=0`. Returns the results (none when nothing ran);
+ * `opts` narrows the plan and the search (tests).
+ */
+export async function autoTune(
+  gpu: Gpu,
+  c: ModelConfig,
+  w: PlanWeights,
+  opts: TunePlanOptions & TuneOptions & { log?: (line: string) => void } = {},
+): Promise<TuneResult[]> {
+  if (gpu.isCpu || gpu.tuneCache === null || envTune() === "0") return [];
+  const jobs = tunePlan(gpu, c, w, opts).filter((j) => !gpu.tuned.has(tuneKeyString(j.key)));
+  if (jobs.length === 0) return [];
+  const log = opts.log ?? ((l: string) => console.error(l));
+  log(
+    `tuning ${jobs.length} kernel shapes for "${gpuAdapterId(gpu)}" (first run of these shapes ` +
+      `on this GPU; saved to ${gpu.tuneCache}; LOWBIT_TUNE=0 skips)`,
+  );
+  return await tuneAndSave(gpu, jobs, { ...opts, log });
+}
+
+function envTune(): string | undefined {
+  try {
+    return Deno.env.get("LOWBIT_TUNE");
+  } catch {
+    return undefined;
+  }
+}
