@@ -148,6 +148,13 @@ const SUITES: Suite[] = [
       note: "1000 Adam steps of one calibration line (≤ 256 tokens), lr 1e-3, trained once per " +
         "setting by the TEQ + RTN row (its diag(H)-clipped RTN grid) and loaded by the others",
     },
+    gptqNote: "every row searches each group's clipping range against diag(H), as RTN does " +
+      "(issue 17). Here that is slightly worse than min/max GPTQ at every setting: W4 g128 " +
+      "68.09 against 68.01, W3 g64 68.26 against 68.17, W2 g64 71.53 against 70.57, W2 g32 " +
+      "70.85 against 69.66 (on stories260K it cut W2 g32 from 80.50 to 22.78). The groups are " +
+      "static: each range is searched for the original weights' own diag(H)-weighted rounding " +
+      "error, and GPTQ then rounds weights its updates have moved, which a clipped range can fit " +
+      "worse than the full one; that is the likely cause, not measured separately",
     evals: [
       {
         label: "novels held-out (20k tokens)",
