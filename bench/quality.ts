@@ -147,6 +147,14 @@ const SUITES: Suite[] = [
       ce: "",
       note: "1000 Adam steps of one calibration line (≤ 256 tokens), lr 1e-3, trained once per " +
         "setting by the TEQ + RTN row (its diag(H)-clipped RTN grid) and loaded by the others",
+      exceptions: "At W4 g128 the trained s barely moved TEQ's own loss: its KL on the 19 " +
+        "measured sequences went 3.807e-3 → 3.628e-3 nats per token (−4.7%, best at step 900), " +
+        "while the per-step training loss (one sequence a step) wandered between 3.46e-3 and 4.22e-3 from step 600 to " +
+        "925, so the gain is inside the step-to-step spread; RTN on its own grid gained nothing " +
+        "from it (68.188 against 68.189). decoupleQ then re-fits s and z for the transformed " +
+        "weights, and its +0.07 is a change of the size that separates its stage 1 from stage " +
+        "1+2 here (68.10 and 67.98): at 4 bits every method is within 0.3 of fp32 and such s " +
+        "have little to give",
     },
     gptqNote: "every row searches each group's clipping range against diag(H), as RTN does " +
       "(issue 17). Here that is slightly worse than min/max GPTQ at every setting: W4 g128 " +
