@@ -47,6 +47,7 @@ import type { TunedEntry } from "./tune_cache.ts";
 import { packQ } from "../runtime/format/pack.ts";
 import { dequantize, nGroups, qRange, type QuantizedLinear } from "../runtime/format/qtensor.ts";
 import { ParameterError } from "./errors.ts";
+import { mulberry32 } from "../runtime/model/sampling.ts";
 
 /** One kernel to tune: its key, its real epilogue and the shape the runtime uses untuned. */
 export interface TuneJob {
@@ -294,26 +295,14 @@ function benchEpilogue(key: TuneKey, e: Epilogue): Epilogue {
   return e;
 }
 
-/** Seeded uniform numbers in [0, 1) (mulberry32). */
-function uniform01(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function randArray(n: number, seed: number, lo: number, hi: number): Float32Array {
-  const r = uniform01(seed);
+  const r = mulberry32(seed);
   return Float32Array.from({ length: n }, () => lo + r() * (hi - lo));
 }
 
 /** Random codes and fp16 scales/offsets, as the tests draw them. */
 function randomQl(N: number, K: number, bits: 2 | 3 | 4, G: number, seed: number): QuantizedLinear {
-  const r = uniform01(seed);
+  const r = mulberry32(seed);
   const { qmin } = qRange(bits), levels = 1 << bits;
   const q = new Int8Array(N * K);
   for (let i = 0; i < q.length; i++) q[i] = qmin + Math.floor(r() * levels);

@@ -360,6 +360,17 @@ export class Builder {
   }
 }
 
+/** The fused q, k, v epilogue of a model (RoPE, the KV cache write, the optional bias). */
+export function qkvEpilogue(c: ModelConfig): Epilogue {
+  return {
+    kind: "qkv",
+    nHeads: c.nHeads,
+    nKvHeads: c.nKvHeads,
+    headDim: c.headDim,
+    bias: c.qkvBias,
+  };
+}
+
 export interface ForwardPlan {
   /** One decode step: embed tokens[pos], all layers, logits, sample into tokens[pos + 1]. */
   decode: Dispatch[];
@@ -377,13 +388,7 @@ export interface ForwardPlan {
 export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunState): ForwardPlan {
   const b = new Builder(gpu, s);
   const eps = c.normEps;
-  const qkv: Epilogue = {
-    kind: "qkv",
-    nHeads: c.nHeads,
-    nKvHeads: c.nKvHeads,
-    headDim: c.headDim,
-    bias: c.qkvBias,
-  };
+  const qkv = qkvEpilogue(c);
   const gateup: Epilogue = { kind: "gateup", hidden: c.hiddenDim };
   const logits: Epilogue = { kind: "store", offset: 0, ld: c.vocabSize };
 
@@ -460,13 +465,7 @@ export function buildDecodeRows(
  */
 export function layerStages(b: Builder, c: ModelConfig, L: LayerWeights, l: number): Dispatch[][] {
   const s = b.state, eps = c.normEps;
-  const qkv: Epilogue = {
-    kind: "qkv",
-    nHeads: c.nHeads,
-    nKvHeads: c.nKvHeads,
-    headDim: c.headDim,
-    bias: c.qkvBias,
-  };
+  const qkv = qkvEpilogue(c);
   const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
   return [
     [b.rmsnorm(c.dim, eps, { x: s.x, g: L.attnNorm, y: s.xn })], // xn = rmsnorm(x)

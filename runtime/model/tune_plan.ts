@@ -21,7 +21,7 @@ import {
   type TuneResult,
 } from "../../kernels/tuner.ts";
 import { gpuAdapterId, saveTuned } from "../../kernels/tune_cache.ts";
-import { decodeRowPlans, qKernelShape } from "./forward.ts";
+import { decodeRowPlans, qKernelShape, qkvEpilogue } from "./forward.ts";
 
 /** What the plan needs of a weight matrix: a Matrix (gpu_weights.ts) or its description. */
 export interface MatrixShape {
@@ -68,13 +68,7 @@ export function tunePlan(
   opts: TunePlanOptions = {},
 ): TuneJob[] {
   const rowsList = opts.batchRows ?? decodeRowPlans(gpu);
-  const qkv: Epilogue = {
-    kind: "qkv",
-    nHeads: c.nHeads,
-    nKvHeads: c.nKvHeads,
-    headDim: c.headDim,
-    bias: c.qkvBias,
-  };
+  const qkv = qkvEpilogue(c);
   const add: Epilogue = { kind: "add" };
   const gateup: Epilogue = { kind: "gateup", hidden: c.hiddenDim };
   const uses: [MatrixShape, Epilogue, boolean][] = [];
