@@ -17,41 +17,25 @@ import { GpuModel, GREEDY } from "../runtime/model/model.ts";
 import { generate } from "../runtime/model/generate.ts";
 import type { ModelConfig } from "../runtime/checkpoint/config.ts";
 import type { Bits } from "../runtime/format/qtensor.ts";
+import { cachedSyntheticCheckpoint } from "../tests/synthetic.ts";
 import {
-  cachedSyntheticCheckpoint,
+  llama2_7bConfig,
   llama32_1bLikeConfig,
   smolLm2_135mConfig,
-} from "../tests/synthetic.ts";
+} from "../runtime/checkpoint/shapes.ts";
 import { writeSyntheticLowbit } from "./synthetic_lowbit.ts";
 import { ceilings } from "./ceilings.ts";
-import { emptyStepMs, IN_FLIGHT } from "./overhead.ts";
+import { emptyStepMs, encodeStepUs, IN_FLIGHT } from "./overhead.ts";
 import { recordResults, table, today } from "./results.ts";
 
 const CACHE = "/tmp/lowbit-bench";
 const STORIES = new URL("../../shared/models/stories260K-hf", import.meta.url).pathname;
 
-const llama2_7b: ModelConfig = {
-  ...llama32_1bLikeConfig,
-  dim: 4096,
-  hiddenDim: 11008,
-  nLayers: 32,
-  nHeads: 32,
-  nKvHeads: 32,
-  headDim: 128,
-  vocabSize: 32000,
-  seqLen: 4096,
-  ropeTheta: 10000,
-  ropeScaling: null,
-  tiedEmbeddings: false,
-  bosId: 1,
-  eosIds: [2],
-};
-
 const SHAPES: Record<string, ModelConfig | null> = {
   stories: null,
   smollm: smolLm2_135mConfig,
   "1b": llama32_1bLikeConfig,
-  "7b": llama2_7b,
+  "7b": llama2_7bConfig,
 };
 
 /** Weight formats; "+head": the logits layer packed too (otherwise fp16). */
@@ -118,6 +102,9 @@ interface Row {
   stepWallMs: number; // wall-clock time of one batch-1 decode step
   dispatches: number; // dispatches of a batch-1 decode step
   emptyStepMs: number; // wall-clock time of an empty step of as many dispatches (bench/overhead.ts)
+  encodeUs: number; // host µs to encode a batch-1 decode step
+  /** Dispatches of a batched step by batch size (its layers and logits; the sampler adds 1). */
+  batchDispatches: Record<string, number>;
   matvecGBs: number; // weight bytes / matvec GPU time
   matvecGflops: number;
   weightBytes: number;
@@ -169,6 +156,9 @@ async function measure(
   }
   const dispatches = model.plan.decode.length;
   const emptyMs = await emptyStepMs(gpu, dispatches);
+  const encodeUs = encodeStepUs(gpu, model.plan.decode);
+  const batchDispatches: Record<string, number> = {};
+  for (const b of batches.filter((b) => b > 1)) batchDispatches[b] = model.batchPlan(b).length;
   // GPU time per kernel of one decode step (median of 3)
   const runs: number[][] = [];
   for (let i = 0; i < 3; i++) runs.push(await profileDispatches(gpu, model.plan.decode, 1));
@@ -197,6 +187,8 @@ async function measure(
     stepWallMs: 1000 / decode1,
     dispatches,
     emptyStepMs: emptyMs,
+    encodeUs,
+    batchDispatches,
     matvecGBs: weightBytes / (kernelMs * 1e6),
     matvecGflops: (2 * params) / (kernelMs * 1e6),
     weightBytes,
@@ -276,9 +268,11 @@ export async function benchLatency(args: string[]): Promise<void> {
           `decode ${r.decode1.toFixed(1)} tok/s (${
             Object.entries(r.decodeN).map(([b, v]) => `batch ${b}: ${v.toFixed(1)}`).join(", ")
           }), step ${r.stepGpuMs.toFixed(2)} ms GPU, ${r.stepWallMs.toFixed(2)} ms wall, empty ` +
-          `step of ${r.dispatches} dispatches ${r.emptyStepMs.toFixed(2)} ms, matvec ${
-            r.matvecGBs.toFixed(2)
-          } GB/s ` +
+          `step of ${r.dispatches} dispatches ${r.emptyStepMs.toFixed(2)} ms (encoding ${
+            r.encodeUs.toFixed(0)
+          } µs; batched steps ${
+            Object.entries(r.batchDispatches).map(([b, n]) => `${b}: ${n}`).join(", ")
+          } dispatches), matvec ${r.matvecGBs.toFixed(2)} GB/s ` +
           `${r.matvecGflops.toFixed(2)} GFLOP/s`,
       );
     }
@@ -292,6 +286,8 @@ export async function benchLatency(args: string[]): Promise<void> {
     gpu.isCpu ? "decode step ms (wall)" : "decode step GPU ms",
     "step wall ms",
     "empty step ms (dispatches)",
+    "encode µs",
+    ...batches.filter((b) => b > 1).map((b) => `batch ${b} dispatches`),
     "matvec GB/s (% of bandwidth)",
     "matvec GFLOP/s (% of FMA)",
   ];
@@ -306,6 +302,8 @@ export async function benchLatency(args: string[]): Promise<void> {
     r.stepGpuMs.toFixed(2),
     r.stepWallMs.toFixed(2),
     `${r.emptyStepMs.toFixed(2)} (${r.dispatches})`,
+    r.encodeUs.toFixed(0),
+    ...batches.filter((b) => b > 1).map((b) => `${r.batchDispatches[b]}`),
     `${r.matvecGBs.toFixed(2)} (${(100 * r.matvecGBs / bw).toFixed(0)}%)`,
     `${r.matvecGflops.toFixed(2)} (${(100 * r.matvecGflops / ceil.fmaGflops).toFixed(0)}%)`,
   ]);
@@ -314,9 +312,9 @@ export async function benchLatency(args: string[]): Promise<void> {
     gpu.adapterName,
     `${today()}. Ceilings: ${ceilText}; bandwidth = the faster of the two. Synthetic weights except stories260K; the logits layer stays fp16 except in the "+head" rows. Batch N: N sequences stepped together ` +
       `(GpuModel.decodeBatch), total tok/s. Empty step: as many dispatches of an empty kernel, ` +
-      `each with its own bind group (bench/overhead.ts): the step's cost beyond its kernels.\n\n${
-        table(head, body)
-      }`,
+      `each with its own bind group (bench/overhead.ts): the step's cost beyond its kernels; ` +
+      `encode: host time to record a batch-1 step; batch N dispatches: a batched step's layers ` +
+      `and logits.\n\n${table(head, body)}`,
   );
   await Deno.writeTextFile(
     new URL("./latency.json", import.meta.url),

@@ -73,3 +73,23 @@ export function emptyStepMs(gpu: Gpu, n: number, steps = 64): Promise<number> {
   const plan = emptyPlan(gpu, n);
   return stepWallMs(gpu, (pass) => encodeDispatches(pass, plan, 1), steps);
 }
+
+/**
+ * Host microseconds to encode one step of `plan` (command encoder, pass, its dispatches,
+ * finish; nothing submitted), median of `reps`: the CPU side of a step's overhead, which bounds
+ * the step rate whatever the GPU does.
+ */
+export function encodeStepUs(gpu: Gpu, plan: Dispatch[], ntok = 1, reps = 64): number {
+  const times: number[] = [];
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    const enc = gpu.device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    encodeDispatches(pass, plan, ntok);
+    pass.end();
+    enc.finish();
+    times.push((performance.now() - t0) * 1000);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(reps / 2)];
+}

@@ -130,6 +130,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }`;
 }
 
+/**
+ * The knobs of an attention kernel, what the tuner chooses (kernels/tune_attention.ts): `wg`,
+ * threads per workgroup = keys per chunk (a power of two), and `gq`, query heads per workgroup
+ * (texture layout; 1 for the buffer kernel, which takes one head per workgroup).
+ */
+export interface AttentionShape {
+  wg: number;
+  gq: number;
+}
+
+/**
+ * The built-in shape for an attention kernel (the tuner's default, the runtime's where nothing
+ * is tuned): texture KV (CPU adapters) 8 threads, one SIMD group, and {@link attentionGroup}'s
+ * heads; buffer KV 32 threads on CPU adapters (the GPU layout on lavapipe), 64 on GPUs.
+ */
+export function attentionShape(
+  gpu: Gpu,
+  v: Pick<AttentionVariant, "nHeads" | "nKvHeads" | "headDim" | "kv">,
+): AttentionShape {
+  if (v.kv === "texture") return { wg: 8, gq: attentionGroup(v.nHeads, v.nKvHeads, v.headDim) };
+  return { wg: gpu.isCpu ? 32 : 64, gq: 1 };
+}
+
+/** The bytes of workgroup memory a variant declares (qs, acc, p, red; or the texture's part). */
+export function attentionWorkgroupBytes(v: AttentionVariant): number {
+  if (v.kv === "texture") return 4 * v.wg * (v.gq ?? 1) * (v.headDim + 2);
+  return 8 * v.headDim + 8 * v.wg;
+}
+
 /** Query heads per workgroup of the texture kernel: those sharing a KV head, up to 64 values. */
 export function attentionGroup(nHeads: number, nKvHeads: number, headDim: number): number {
   const GQ = nHeads / nKvHeads;
@@ -241,11 +270,15 @@ ${L.join("\n")}
 }`;
 }
 
-export function attentionPipeline(gpu: Gpu, v: AttentionVariant): GPUComputePipeline {
-  const key = `attention_${v.nHeads}_${v.nKvHeads}_${v.headDim}_w${v.wg}${
+/** The pipeline cache's name of a variant. */
+export function attentionPipelineKey(v: AttentionVariant): string {
+  return `attention_${v.nHeads}_${v.nKvHeads}_${v.headDim}_w${v.wg}${
     v.kv === "texture" ? `T${v.gq ?? 1}` : ""
   }${v.qUniform ? "U" : ""}${v.kvType === "f16" ? "h" : ""}`;
-  return gpu.pipeline(key, () => attentionWgsl(v));
+}
+
+export function attentionPipeline(gpu: Gpu, v: AttentionVariant): GPUComputePipeline {
+  return gpu.pipeline(attentionPipelineKey(v), () => attentionWgsl(v));
 }
 
 /** Bindings: step, q, kcache, vcache, out. Grid: (heads / gq, tokens). */

@@ -53,6 +53,32 @@ export type KvType = "f16" | "f32";
 /** f16's largest finite value: the qkv epilogue clamps the f16 cache's values to ±F16_MAX. */
 export const F16_MAX = 65504;
 
+/**
+ * A (ctx, kvd) array of K or V as the cache's words, in every layout but "buffer" f32 (which is
+ * the array itself): per position, pair kvHead·hd/2 + i holds elements i and i + hd/2 of that
+ * head, as two f32 bit patterns ("f32": the rg32uint texels) or one word of two halves ("f16",
+ * rounded to nearest, ties to even, element i in the low half: the buffer's and the texture's
+ * words). Host side: tests and the tuner fill caches with it.
+ */
+export function kvCacheWords(
+  a: ArrayLike<number>,
+  kvd: number,
+  hd: number,
+  kvType: KvType,
+): Uint32Array<ArrayBuffer> {
+  const pairs = new Float32Array(a.length), half = hd / 2, ctx = a.length / kvd;
+  for (let p = 0; p < ctx; p++) {
+    for (let h = 0; h < kvd / hd; h++) {
+      for (let i = 0; i < half; i++) {
+        const o = p * kvd + h * hd + i, t = p * kvd + 2 * (h * half + i);
+        pairs[t] = a[o];
+        pairs[t + 1] = a[o + half];
+      }
+    }
+  }
+  return new Uint32Array(kvType === "f16" ? Float16Array.from(pairs).buffer : pairs.buffer);
+}
+
 /** Number of units of an epilogue over a weight with `rows` rows. */
 export function unitCount(e: Epilogue, rows: number): number {
   if (e.kind === "gateup") return e.hidden;

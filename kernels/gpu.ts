@@ -2,6 +2,7 @@
 import { GpuError } from "./errors.ts";
 import { restrictToAdapter } from "./adapter.ts";
 import type { TunedShape } from "./tune_key.ts";
+import type { AttentionShape } from "./attention.ts";
 import { loadTunedShapes } from "./tune_cache.ts";
 
 export interface GpuOptions {
@@ -30,6 +31,11 @@ export class Gpu {
    * made by hand.
    */
   tuned = new Map<string, TunedShape>();
+  /**
+   * The attention kernel's shapes the tuner chose for this adapter, by attention key
+   * (kernels/attention_key.ts), read from the same cache; empty for a Gpu made by hand.
+   */
+  tunedAttention = new Map<string, AttentionShape>();
   /**
    * The tune cache `tuned` was read from, where a first run on a GPU writes what it tunes
    * (runtime/model/tune_plan.ts); null for a Gpu made by hand, which is never auto-tuned.

@@ -5,6 +5,11 @@
  *
  * Weights in textures (`weights: "texture"`, CPU adapters) use the generator of dense_texture.ts
  * instead: no workgroup memory, each thread `upt` units × `tt` tokens (see matmulShape).
+ *
+ * The lane variant (buffer weights with `tpr` > 1: a batched decode step on a GPU) is the
+ * matrix-vector kernel's layout with `tt` tokens: `tpr` threads share a unit and take every
+ * tpr-th vec4 of K (consecutive threads read consecutive weights), each weight loaded once for
+ * all tt tokens, and the threads' sums meet in workgroup memory (see matmulLaneShape).
  */
 import {
   denseAccess,
@@ -32,10 +37,14 @@ export interface MatmulVariant {
   epilogue: Epilogue;
   /** Where the weights live (default "buffer"). */
   weights?: WeightSource;
-  /** Texture weights: units per thread, units per workgroup, tokens per workgroup. */
+  /**
+   * Texture weights: units per thread, units per workgroup, tokens per workgroup. Buffer weights
+   * with `tpr` > 1 (threads per unit): the lane variant, upw units and tt tokens per workgroup.
+   */
   upt?: number;
   upw?: number;
   tt?: number;
+  tpr?: number;
   /**
    * Texture weights: bind x as a uniform buffer of tt tokens (default false); needs
    * tt·K·4 ≤ 65536 and steps of at most tt tokens, as in a batched decode step.
@@ -68,6 +77,18 @@ export function matmulShape(epilogue: Epilogue, tt = 4): { upt: number; upw: num
   return { upt, upw: 8 * upt, tt };
 }
 
+/**
+ * Thread shape of the lane variant for a batched decode step of `tt` tokens (≤ 32): 32 threads
+ * per unit, 4 units per workgroup, 2 above 8 tokens (the reduction's tt sums per thread stay
+ * within 16 KiB of workgroup memory, WebGPU's default limit).
+ */
+export function matmulLaneShape(tt: number): { tpr: number; upw: number; tt: number } {
+  return { tpr: 32, upw: tt > 8 ? 2 : 4, tt };
+}
+
+/** The most tokens a workgroup of the lane variant takes. */
+export const LANE_MAX_TT = 32;
+
 const WG = 64; // units per workgroup, one per thread
 const TT = 8; // tokens per workgroup
 const KC = 64; // vec4s of K staged per round
@@ -77,12 +98,12 @@ export function matmulBindings(v: MatmulVariant): string[] {
   return ["step", "x", "w", ...e];
 }
 
-export function matmulWgsl(v: MatmulVariant): string {
-  if (v.weights === "texture") return denseTexWgsl(texCore(v));
-  const K4 = v.K / 4;
-  const units = unitCount(v.epilogue, v.rows);
-  const [nx] = grid(Math.ceil(units / WG));
-  const pair = isPair(v.epilogue);
+function isLane(v: MatmulVariant): boolean {
+  return v.weights !== "texture" && (v.tpr ?? 1) > 1;
+}
+
+/** The step uniform and x, the weights, the epilogue: the buffer kernels' declarations. */
+function bufferDecls(v: MatmulVariant): string {
   // The qkv epilogue declares `step` itself; the other epilogues need it declared here.
   const ownStep = !epilogueBindings(v.epilogue).includes("step");
   const epi = epilogueWgsl(v.epilogue, ownStep ? 3 : 2, v.rows)
@@ -92,7 +113,64 @@ ${ownStep ? STEP_WGSL : ""}
 @group(0) @binding(0) var<uniform> step: Step;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 ${denseAccess("w", 2, v.format)}
-${epi}
+${epi}`;
+}
+
+function laneWgsl(v: MatmulVariant): string {
+  const TPR = v.tpr!, UPW = v.upw ?? 4, TT = v.tt ?? 8, WGL = TPR * UPW;
+  if ((TPR & (TPR - 1)) !== 0 || !Number.isInteger(UPW) || UPW < 1) {
+    throw new Error(`matmul: tpr must be a power of two, upw ≥ 1; got ${TPR}, ${UPW}`);
+  }
+  if (!Number.isInteger(TT) || TT < 1 || TT > LANE_MAX_TT) {
+    throw new Error(`matmul: tt must be 1..${LANE_MAX_TT}; got ${TT}`);
+  }
+  const K4 = v.K / 4;
+  const units = unitCount(v.epilogue, v.rows);
+  const [nx] = grid(Math.ceil(units / UPW));
+  const pair = isPair(v.epilogue);
+  return `${bufferDecls(v)}
+var<workgroup> red: array<vec2<f32>, ${WGL * TT}>;
+
+@compute @workgroup_size(${WGL})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let u = (wid.x + wid.y * ${nx}u) * ${UPW}u + lid / ${TPR}u;
+  let t = lid % ${TPR}u;
+  let t0 = wid.z * ${TT}u;
+  let rows = unit_rows(min(u, ${units - 1}u));
+  var acc: array<vec2<f32>, ${TT}>;
+  for (var k = t; k < ${K4}u; k += ${TPR}u) {
+    let wa = w_4(rows.x * ${K4}u + k);
+    ${pair ? `let wb = w_4(rows.y * ${K4}u + k);` : ""}
+    for (var j = 0u; j < ${TT}u; j++) {
+      let xv = x[min(t0 + j, step.ntok - 1u) * ${K4}u + k];
+      acc[j].x += dot(wa, xv);
+      ${pair ? "acc[j].y += dot(wb, xv);" : ""}
+    }
+  }
+  for (var j = 0u; j < ${TT}u; j++) { red[j * ${WGL}u + lid] = acc[j]; }
+  workgroupBarrier();
+  for (var s = ${TPR / 2}u; s > 0u; s >>= 1u) {
+    if (t < s) {
+      for (var j = 0u; j < ${TT}u; j++) { red[j * ${WGL}u + lid] += red[j * ${WGL}u + lid + s]; }
+    }
+    workgroupBarrier();
+  }
+  if (t == 0u && u < ${units}u) {
+    for (var j = 0u; j < ${TT}u; j++) {
+      if (t0 + j < step.ntok) { epilogue(t0 + j, u, red[j * ${WGL}u + lid]); }
+    }
+  }
+}`;
+}
+
+export function matmulWgsl(v: MatmulVariant): string {
+  if (v.weights === "texture") return denseTexWgsl(texCore(v));
+  if (isLane(v)) return laneWgsl(v);
+  const K4 = v.K / 4;
+  const units = unitCount(v.epilogue, v.rows);
+  const [nx] = grid(Math.ceil(units / WG));
+  const pair = isPair(v.epilogue);
+  return `${bufferDecls(v)}
 var<workgroup> xs: array<array<vec4<f32>, ${KC}>, ${TT}>;
 
 @compute @workgroup_size(${WG})
@@ -133,7 +211,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 export function matmulPipeline(gpu: Gpu, v: MatmulVariant): GPUComputePipeline {
   const key = v.weights === "texture"
     ? `matmul_${denseTexKey(texCore(v))}`
-    : `matmul_${v.format}_${v.rows}x${v.K}_${epilogueKey(v.epilogue)}`;
+    : `matmul_${v.format}_${v.rows}x${v.K}_${epilogueKey(v.epilogue)}${
+      isLane(v) ? `_t${v.tpr}u${v.upw ?? 4}b${v.tt ?? 8}` : ""
+    }`;
   return gpu.pipeline(key, () => matmulWgsl(v));
 }
 
@@ -143,6 +223,10 @@ export function matmulGrid(v: MatmulVariant, ntok: number): [number, number, num
     const c = texCore(v);
     const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / c.upw));
     return [x, y, Math.ceil(ntok / c.batch)];
+  }
+  if (isLane(v)) {
+    const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / (v.upw ?? 4)));
+    return [x, y, Math.ceil(ntok / (v.tt ?? 8))];
   }
   const [x, y] = grid(Math.ceil(unitCount(v.epilogue, v.rows) / WG));
   return [x, y, Math.ceil(ntok / TT)];

@@ -17,6 +17,11 @@ export interface MatmulQVariant {
   groupSize: number;
   rows: number;
   K: number; // a multiple of 4
+  /**
+   * Fuse x ← x · g / rms(x) per token (RMSNorm with weight g) before the product (default none),
+   * as the decode kernels do: the step then needs no separate norm pass.
+   */
+  norm?: { eps: number } | null;
   epilogue: Epilogue;
   /** Thread shape (defaults: tpr 1, upt 1, upw 64, tt 8, as matmul.ts); see matmulQShape. */
   tpr?: number;
@@ -46,7 +51,7 @@ function core(v: MatmulQVariant): QCore {
     groupSize: v.groupSize,
     rows: v.rows,
     K: v.K,
-    norm: null,
+    norm: v.norm ?? null,
     epilogue: v.epilogue,
     tpr: v.tpr ?? 1,
     upw: v.upw ?? 64,
@@ -61,7 +66,7 @@ function core(v: MatmulQVariant): QCore {
 /** Buffer names in binding order. */
 export function matmulQBindings(v: MatmulQVariant): string[] {
   const e = epilogueBindings(v.epilogue).filter((n) => n !== "step");
-  return ["step", "x", "qweight", "sz", ...e];
+  return ["step", "x", ...(v.norm ? ["g"] : []), "qweight", "sz", ...e];
 }
 
 export function matmulQWgsl(v: MatmulQVariant): string {
@@ -90,15 +95,15 @@ export function matmulQGrid(v: MatmulQVariant, ntok: number): [number, number, n
  * lavapipe's compile) about the size of the 8-token one; on GPUs the matrix-vector shape: 32
  * threads share a unit (coalesced loads, see qCoreWgsl), two units × 8 tokens per thread, or
  * above 8 tokens one unit × tt tokens per thread (the reduction's workgroup memory stays within
- * 32 KiB).
+ * 32 KiB: two units per workgroup where a fused norm's Σx² per token joins a pair's sums).
  */
-export function matmulQShape(gpu: Gpu, epilogue?: Epilogue, tt = 4): MatmulQShape {
+export function matmulQShape(gpu: Gpu, epilogue?: Epilogue, tt = 4, norm = false): MatmulQShape {
   const pair = epilogue !== undefined && isPair(epilogue);
   if (gpu.isCpu) {
     const rows = tt > 8 ? 4 : tt > 4 ? 16 : 32;
     const upt = pair ? rows / 2 : rows;
     return { tpr: 1, upt, upw: upt * 8, tt };
   }
-  if (tt > 8) return { tpr: 32, upt: 1, upw: 4, tt };
+  if (tt > 8) return { tpr: 32, upt: 1, upw: pair && norm ? 2 : 4, tt };
   return { tpr: 32, upt: 2, upw: 8, tt: 8 };
 }

@@ -5,7 +5,11 @@
  *   { "version": 1,
  *     "adapters": { "<adapter id>": { "shapes": {
  *       "matvec_q q4g128 576x1536 b1 gateup+norm buffer": { "tpr": 32, "upw": 8, "upt": 2,
- *                                                           "us": 41.2, "defaultUs": 55.0 } } } } }
+ *                                                           "us": 41.2, "defaultUs": 55.0 },
+ *       "attention h32 kv8 d64 f16 buffer decode": { "wg": 128, "gq": 1, "us": 20.1 } } } } }
+ *
+ * Keys name a quantized matrix kernel (kernels/tune_key.ts: a thread shape) or the attention
+ * kernel (kernels/attention_key.ts: wg and gq).
  *
  * Path: `$LOWBIT_TUNE_CACHE`, else `$XDG_CACHE_HOME/lowbit/tune.json`, else
  * `~/.cache/lowbit/tune.json`. A missing file is an empty cache. A corrupt one (bad JSON, another
@@ -14,24 +18,33 @@
  * driver version) are never used. Writes are atomic (a temporary file renamed over the old).
  */
 import type { Gpu } from "./gpu.ts";
+import type { AttentionShape } from "./attention.ts";
+import { bareShape, parseTuneKey, type TunedShape, tunedShapeProblem } from "./tune_key.ts";
 import {
-  bareShape,
-  parseTuneKey,
-  type ShapeLimits,
-  type TunedShape,
-  tunedShapeProblem,
-} from "./tune_key.ts";
+  attentionShapeProblem,
+  bareAttentionShape,
+  isAttentionKeyString,
+  type KernelLimits,
+  type KernelShape,
+  parseAttentionKey,
+} from "./attention_key.ts";
 
-/** Bump when the file's layout or the kernels' meaning of a shape changes. */
+/**
+ * Bump when the file's layout or the kernels' meaning of a shape changes. (The attention entries
+ * are new keys beside the quantized kernels' in the same layout: version 1 files stay valid.)
+ */
 export const TUNE_CACHE_VERSION = 1;
 
-/** One tuned choice: the shape and, for the record, its time and the default shape's. */
-export interface TunedEntry extends TunedShape {
+/** What a tuned choice records beside its shape. */
+export interface TunedTimes {
   /** Median µs per dispatch of the chosen shape when it was tuned. */
   us?: number;
   /** Median µs per dispatch of the heuristic (default) shape. */
   defaultUs?: number;
 }
+
+/** One tuned choice: the shape (a quantized kernel's or attention's) and its times. */
+export type TunedEntry = KernelShape & TunedTimes;
 
 export interface TuneCacheFile {
   version: number;
@@ -69,7 +82,7 @@ export function adapterId(adapterName: string, driver = ""): string {
 }
 
 /** Why `data` is not a valid cache (a sentence), or null. Checks every entry. */
-export function tuneCacheProblem(data: unknown, limits?: ShapeLimits): string | null {
+export function tuneCacheProblem(data: unknown, limits?: KernelLimits): string | null {
   if (typeof data !== "object" || data === null || Array.isArray(data)) return "not a JSON object";
   const d = data as Record<string, unknown>;
   if (d.version !== TUNE_CACHE_VERSION) {
@@ -85,8 +98,8 @@ export function tuneCacheProblem(data: unknown, limits?: ShapeLimits): string | 
       return `adapter "${id}": "shapes" is not an object`;
     }
     for (const [k, s] of Object.entries(shapes)) {
-      const key = parseTuneKey(k);
-      if (!key) return `adapter "${id}": "${k}" is not a kernel key`;
+      const key = parseTuneKey(k), akey = key ? null : parseAttentionKey(k);
+      if (!key && !akey) return `adapter "${id}": "${k}" is not a kernel key`;
       if (typeof s !== "object" || s === null || Array.isArray(s)) {
         return `adapter "${id}", ${k}: the entry is not an object`;
       }
@@ -96,7 +109,9 @@ export function tuneCacheProblem(data: unknown, limits?: ShapeLimits): string | 
           return `adapter "${id}", ${k}: ${f} is not a number`;
         }
       }
-      const problem = tunedShapeProblem(key, e as unknown as TunedShape, limits);
+      const problem = key
+        ? tunedShapeProblem(key, e as unknown as TunedShape, limits)
+        : attentionShapeProblem(akey!, e as unknown as AttentionShape, limits);
       if (problem) return `adapter "${id}", ${k}: ${problem}`;
     }
   }
@@ -109,7 +124,7 @@ export function tuneCacheProblem(data: unknown, limits?: ShapeLimits): string | 
  */
 export function readTuneCache(
   path: string,
-  opts: { limits?: ShapeLimits; warn?: (msg: string) => void } = {},
+  opts: { limits?: KernelLimits; warn?: (msg: string) => void } = {},
 ): TuneCacheFile {
   const warn = opts.warn ?? ((m: string) => console.warn(m));
   let text: string;
@@ -141,10 +156,24 @@ export function readTuneCache(
   return data as TuneCacheFile;
 }
 
-/** The tuned shapes of one adapter, by key string (entries of other adapters are not used). */
+/**
+ * The quantized kernels' tuned shapes of one adapter, by key string (entries of other adapters
+ * are not used).
+ */
 export function tunedFor(file: TuneCacheFile, id: string): Map<string, TunedShape> {
   const out = new Map<string, TunedShape>();
-  for (const [k, e] of Object.entries(file.adapters[id]?.shapes ?? {})) out.set(k, bareShape(e));
+  for (const [k, e] of Object.entries(file.adapters[id]?.shapes ?? {})) {
+    if (!isAttentionKeyString(k)) out.set(k, bareShape(e as TunedShape));
+  }
+  return out;
+}
+
+/** The attention kernel's tuned shapes of one adapter, by attention key string. */
+export function tunedAttentionFor(file: TuneCacheFile, id: string): Map<string, AttentionShape> {
+  const out = new Map<string, AttentionShape>();
+  for (const [k, e] of Object.entries(file.adapters[id]?.shapes ?? {})) {
+    if (isAttentionKeyString(k)) out.set(k, bareAttentionShape(e as AttentionShape));
+  }
   return out;
 }
 
@@ -190,9 +219,9 @@ export function gpuAdapterId(gpu: Gpu): string {
 }
 
 /**
- * Fills `gpu.tuned` with this adapter's entries of the cache at `path` and records the path
- * (createGpu calls it). A cache that holds entries for other adapters only is stale for this
- * one: one warning says so (the built-in shapes are used).
+ * Fills `gpu.tuned` and `gpu.tunedAttention` with this adapter's entries of the cache at `path`
+ * and records the path (createGpu calls it). A cache that holds entries for other adapters only
+ * is stale for this one: one warning says so (the built-in shapes are used).
  */
 export function loadTunedShapes(
   gpu: Gpu,
@@ -208,6 +237,7 @@ export function loadTunedShapes(
   }
   const id = gpuAdapterId(gpu);
   gpu.tuned = tunedFor(file, id);
+  gpu.tunedAttention = tunedAttentionFor(file, id);
   gpu.tuneCache = path;
   const others = Object.keys(file.adapters).filter((a) => a !== id);
   if (!file.adapters[id] && others.length > 0) {

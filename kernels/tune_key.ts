@@ -32,7 +32,7 @@ export interface TuneKey {
    */
   tokens: number;
   epilogue: Epilogue["kind"];
-  /** Fused RMSNorm of x (matvec_q only). */
+  /** Fused RMSNorm of x. */
   norm: boolean;
   weights: QWeights;
   /** x (and g) bound as uniform buffers. */
@@ -166,7 +166,6 @@ export function tunedShapeProblem(
     if (key.tokens > 0 && s.tt !== key.tokens) {
       return `a batched step of ${key.tokens} rows needs tt = ${key.tokens}`;
     }
-    if (key.norm) return "matmul_q has no fused norm";
   }
   if ((key.epilogue === "gateup" || key.epilogue === "qkv") && key.rows % 2 !== 0) {
     return `a ${key.epilogue} epilogue needs an even row count`;

@@ -13,6 +13,10 @@
  * thread slots of tpr threads) and, for prefill, tt (tokens per workgroup). The kernels have no
  * separate words-per-load or unroll parameter: a thread's loads are its tpr-strided spans and
  * its rows × tokens body is unrolled whole, so upt and tt are the unroll.
+ *
+ * The attention kernel is tuned the same way (kernels/tune_attention.ts), with this module's
+ * variant runner ({@link runVariant}), output check, timing and choice, and the same result
+ * types.
  */
 import type { Epilogue } from "./epilogue.ts";
 import { isPair, unitCount } from "./epilogue.ts";
@@ -35,6 +39,8 @@ import {
   type MatmulQVariant,
   matmulQWgsl,
 } from "./matmul_q.ts";
+import type { AttentionShape } from "./attention.ts";
+import { type AttentionKey, describeKernelShape, type KernelShape } from "./attention_key.ts";
 import {
   describeShape,
   normalizeKey,
@@ -151,8 +157,8 @@ export function candidates(
 }
 
 /** A variant's outcome: its median time, or why it was rejected. */
-export interface VariantResult {
-  shape: TunedShape;
+export interface VariantResult<S = TunedShape> {
+  shape: S;
   /** Median µs per dispatch (NaN when rejected). */
   us: number;
   /** Why the variant was rejected (compile/validation error, wrong output), or null. */
@@ -173,15 +179,16 @@ export function chooseVariant(results: readonly { us: number; error: string | nu
   return best;
 }
 
-export interface TuneResult {
-  key: TuneKey;
-  /** tuneKeyString(key). */
+/** A tuned kernel: every variant's outcome and the choice (a quantized kernel by default). */
+export interface TuneResult<K = TuneKey, S = TunedShape> {
+  key: K;
+  /** The key's string (tuneKeyString, attentionKeyString). */
   name: string;
-  variants: VariantResult[];
+  variants: VariantResult<S>[];
   /** Index of the chosen variant in `variants` (-1: none was correct). */
   best: number;
   /** The chosen shape, or null. */
-  shape: TunedShape | null;
+  shape: S | null;
   us: number;
   /** The heuristic shape's time (NaN if it was rejected). */
   defaultUs: number;
@@ -189,9 +196,14 @@ export interface TuneResult {
   ms: number;
 }
 
-export interface TuneOptions {
-  /** Narrows or replaces the search space (tests use small ones on lavapipe). */
-  space?: Partial<TuneSpace>;
+/** The result of the attention kernel's tuning (kernels/tune_attention.ts). */
+export type AttentionTuneResult = TuneResult<AttentionKey, AttentionShape>;
+
+/** A result of either kind, as tuneAndSave and the tune command's report take them. */
+export type AnyTuneResult = TuneResult | AttentionTuneResult;
+
+/** What every kind of tune job takes: timing, and the test hooks over its shapes `S`. */
+export interface VariantOptions<S> {
   /** Timed passes per variant, the median is kept (default 3 on CPU adapters, 5 on GPUs). */
   repeats?: number;
   /** Dispatches per timed pass (default 2 on CPU adapters, 20 on GPUs). */
@@ -202,16 +214,23 @@ export interface TuneOptions {
    * Test hook: rewrites variant i's WGSL (that pipeline is then compiled outside the pipeline
    * cache), e.g. to inject a wrong kernel that the check must reject.
    */
-  transformWgsl?: (wgsl: string, shape: TunedShape, index: number) => string;
+  transformWgsl?: (wgsl: string, shape: S, index: number) => string;
   /** Test hook: variant i's time in µs instead of measuring it (after its check). */
-  time?: (shape: TunedShape, index: number) => number;
+  time?: (shape: S, index: number) => number;
+}
+
+export interface TuneOptions extends VariantOptions<TunedShape> {
+  /** Narrows or replaces the search space (tests use small ones on lavapipe). */
+  space?: Partial<TuneSpace>;
 }
 
 /** The progress line of a result: "tune 3/14 KEY: 7 variants, best … (41 µs), default 55 µs". */
-export function describeResult(r: TuneResult, i: number, n: number): string {
+export function describeResult(r: AnyTuneResult, i: number, n: number): string {
   const rejected = r.variants.filter((v) => v.error !== null).length;
   const us = (t: number) => (Number.isFinite(t) ? `${t.toFixed(t < 100 ? 1 : 0)} µs` : "rejected");
-  const best = r.shape ? `best ${describeShape(r.shape)} (${us(r.us)})` : "no correct variant";
+  const best = r.shape
+    ? `best ${describeKernelShape(r.shape)} (${us(r.us)})`
+    : "no correct variant";
   return `tune ${i}/${n} ${r.name}: ${r.variants.length} variants, ${best}, default ${
     us(r.defaultUs)
   }${rejected ? `, ${rejected} rejected` : ""} [${(r.ms / 1000).toFixed(1)} s]`;
@@ -263,12 +282,25 @@ export async function tuneJob(
   } finally {
     if (!memo) own.release();
   }
+  return tuneResult(key, tuneKeyString(key), variants, job.default, t0);
+}
+
+/**
+ * The result of a tuned kernel from its variants' outcomes: the {@link chooseVariant} choice,
+ * the default shape's time, the wall-clock ms since `t0`.
+ */
+export function tuneResult<K, S extends KernelShape>(
+  key: K,
+  name: string,
+  variants: VariantResult<S>[],
+  def: S,
+  t0: number,
+): TuneResult<K, S> {
   const best = chooseVariant(variants);
-  const isDefault = (s: TunedShape) => describeShape(s) === describeShape(job.default);
-  const d = variants.find((v) => isDefault(v.shape));
+  const d = variants.find((v) => describeKernelShape(v.shape) === describeKernelShape(def));
   return {
     key,
-    name: tuneKeyString(key),
+    name,
     variants,
     best,
     shape: best >= 0 ? variants[best].shape : null,
@@ -295,7 +327,8 @@ function benchEpilogue(key: TuneKey, e: Epilogue): Epilogue {
   return e;
 }
 
-function randArray(n: number, seed: number, lo: number, hi: number): Float32Array {
+/** `n` uniform numbers in [lo, hi) from mulberry32(seed). */
+export function randArray(n: number, seed: number, lo: number, hi: number): Float32Array {
   const r = mulberry32(seed);
   return Float32Array.from({ length: n }, () => lo + r() * (hi - lo));
 }
@@ -351,20 +384,20 @@ class WeightsMemo {
 
 const SENTINEL = -12345;
 const EPS = 1e-5;
-/** Keys with more multiply-adds than this check windows of units, not every unit. */
-const FULL_CHECK_MACS = 1 << 26;
+/** Keys with more multiply-adds than this check a part of their outputs, not all of them. */
+export const FULL_CHECK_MACS = 1 << 26;
 /** Units per checked window: covers every residue of a unit modulo any workgroup's units. */
 const CHECK_WINDOW = 256;
 
 /** A variant ready to dispatch. */
-interface Built {
+export interface Built {
   pipeline: GPUComputePipeline;
   bindGroup: GPUBindGroup;
   grid: number[];
 }
 
 /** One output value the reference expects, with its tolerance. */
-interface Expect {
+export interface Expect {
   out: string;
   index: number;
   value: number;
@@ -566,7 +599,7 @@ class Bench {
       wgsl = () => matvecQWgsl(v);
       compile = () => matvecQPipeline(gpu, v);
     } else {
-      const v: MatmulQVariant = { ...common, ...shape };
+      const v: MatmulQVariant = { ...common, norm: key.norm ? { eps: EPS } : null, ...shape };
       names = matmulQBindings(v);
       grid = matmulQGrid(v, this.T);
       cacheKey = matmulQKey(v);
@@ -575,14 +608,7 @@ class Bench {
     }
     const t = opts.transformWgsl;
     const pipeline = t
-      ? gpu.device.createComputePipeline({
-        label: `${cacheKey}~tuner${i}`,
-        layout: "auto",
-        compute: {
-          module: gpu.device.createShaderModule({ code: t(wgsl(), shape, i) }),
-          entryPoint: "main",
-        },
-      })
+      ? transformedPipeline(gpu, `${cacheKey}~tuner${i}`, t(wgsl(), shape, i))
       : compile();
     const bindGroup = gpu.device.createBindGroup({
       layout: pipeline.getBindGroupLayout(0),
@@ -597,61 +623,109 @@ class Bench {
 
   /** Checks one variant against the reference and, if it is correct, times it. */
   async run(shape: TunedShape, i: number, opts: TuneOptions): Promise<VariantResult> {
-    const { device } = this.gpu;
     for (const o of this.outs) this.gpu.write(o.buf, 0, o.init);
-    device.pushErrorScope("out-of-memory");
-    device.pushErrorScope("validation");
-    let built: Built | null = null, thrown: string | null = null;
-    try {
-      built = this.#build(shape, i, opts);
-      const enc = device.createCommandEncoder();
-      const pass = enc.beginComputePass();
-      pass.setPipeline(built.pipeline);
-      pass.setBindGroup(0, built.bindGroup);
-      pass.dispatchWorkgroups(built.grid[0], built.grid[1] ?? 1, built.grid[2] ?? 1);
-      pass.end();
-      device.queue.submit([enc.finish()]);
-    } catch (e) {
-      thrown = (e as Error).message;
-    }
-    const invalid = await device.popErrorScope(), oom = await device.popErrorScope();
-    const gpuError = invalid ?? oom;
-    if (gpuError || thrown !== null || !built) {
-      const msg = gpuError ? gpuError.message.split("\n").find((l) => l.trim()) : thrown;
-      return { shape, us: NaN, error: `does not run: ${msg?.trim()}` };
-    }
-    const wrong = await this.#compare();
-    if (wrong) return { shape, us: NaN, error: wrong };
-    const us = opts.time ? opts.time(shape, i) : await timeDispatches(
+    return await runVariant(
       this.gpu,
-      built,
-      opts.dispatches ?? (this.gpu.isCpu ? 2 : 20),
-      opts.repeats ?? (this.gpu.isCpu ? 3 : 5),
+      shape,
+      i,
+      opts,
+      () => this.#build(shape, i, opts),
+      () => this.#compare(),
     );
-    return { shape, us, error: null };
   }
 
   /** The first output that differs from the reference beyond its tolerance, or null. */
   async #compare(): Promise<string | null> {
     const got: Record<string, Float32Array> = {};
     for (const o of this.outs) got[o.name] = await readF32(this.gpu, o.buf, o.init.length);
-    let bad = 0, first = "";
-    for (const x of this.expect) {
-      const v = got[x.out][x.index], diff = Math.abs(v - x.value);
-      if (!(diff <= x.tol)) {
-        if (bad++ === 0) {
-          first = `${x.out}[${x.index}] = ${v}, expected ${x.value.toPrecision(6)} ` +
-            `(|diff| ${diff.toPrecision(3)} > ${x.tol.toPrecision(3)})`;
-        }
-      }
-    }
-    return bad ? `wrong output: ${first} (${bad} of ${this.expect.length} checked values)` : null;
+    return wrongOutput(got, this.expect);
   }
 
   release(): void {
     for (const b of this.#owned) b.destroy();
     this.#owned = [];
   }
+}
+
+/**
+ * One variant's outcome: `build` it and dispatch it once inside validation and out-of-memory
+ * error scopes (a throw or a GPU error: "does not run: …"), `check` its output (a sentence where
+ * it is wrong: rejected), and time the correct ones (`opts.time`, else {@link timeDispatches}:
+ * `opts.dispatches` per pass, default 2 on CPU adapters and 20 on GPUs, the median of
+ * `opts.repeats` passes, default 3 and 5).
+ */
+export async function runVariant<S>(
+  gpu: Gpu,
+  shape: S,
+  i: number,
+  opts: VariantOptions<S>,
+  build: () => Built,
+  check: () => Promise<string | null>,
+): Promise<VariantResult<S>> {
+  const { device } = gpu;
+  device.pushErrorScope("out-of-memory");
+  device.pushErrorScope("validation");
+  let built: Built | null = null, thrown: string | null = null;
+  try {
+    built = build();
+    const enc = device.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(built.pipeline);
+    pass.setBindGroup(0, built.bindGroup);
+    pass.dispatchWorkgroups(built.grid[0], built.grid[1] ?? 1, built.grid[2] ?? 1);
+    pass.end();
+    device.queue.submit([enc.finish()]);
+  } catch (e) {
+    thrown = (e as Error).message;
+  }
+  const invalid = await device.popErrorScope(), oom = await device.popErrorScope();
+  const gpuError = invalid ?? oom;
+  if (gpuError || thrown !== null || !built) {
+    const msg = gpuError ? gpuError.message.split("\n").find((l) => l.trim()) : thrown;
+    return { shape, us: NaN, error: `does not run: ${msg?.trim()}` };
+  }
+  const wrong = await check();
+  if (wrong) return { shape, us: NaN, error: wrong };
+  const us = opts.time ? opts.time(shape, i) : await timeDispatches(
+    gpu,
+    built,
+    opts.dispatches ?? (gpu.isCpu ? 2 : 20),
+    opts.repeats ?? (gpu.isCpu ? 3 : 5),
+  );
+  return { shape, us, error: null };
+}
+
+/**
+ * A pipeline of WGSL a test hook rewrote (transformWgsl), compiled outside the pipeline cache
+ * under `label`.
+ */
+export function transformedPipeline(gpu: Gpu, label: string, code: string): GPUComputePipeline {
+  return gpu.device.createComputePipeline({
+    label,
+    layout: "auto",
+    compute: { module: gpu.device.createShaderModule({ code }), entryPoint: "main" },
+  });
+}
+
+/**
+ * The first of `expect` that the outputs `got` (by name) miss beyond its tolerance, as the
+ * rejection ("wrong output: y[3] = …, expected … (n of m checked values)"), or null.
+ */
+export function wrongOutput(
+  got: Record<string, ArrayLike<number>>,
+  expect: readonly Expect[],
+): string | null {
+  let bad = 0, first = "";
+  for (const x of expect) {
+    const v = got[x.out][x.index], diff = Math.abs(v - x.value);
+    if (!(diff <= x.tol)) {
+      if (bad++ === 0) {
+        first = `${x.out}[${x.index}] = ${v}, expected ${x.value.toPrecision(6)} ` +
+          `(|diff| ${diff.toPrecision(3)} > ${x.tol.toPrecision(3)})`;
+      }
+    }
+  }
+  return bad ? `wrong output: ${first} (${bad} of ${expect.length} checked values)` : null;
 }
 
 /** The weight rows of unit u (the kernels' unit_rows, epilogue.ts). */
@@ -680,7 +754,8 @@ function dequantRow(ql: QuantizedLinear, n: number): Float64Array {
   return dequantize(one, new Float64Array(K));
 }
 
-async function readF32(gpu: Gpu, buf: GPUBuffer, n: number): Promise<Float32Array> {
+/** The first `n` f32 of a GPU buffer (COPY_SRC), read back. */
+export async function readF32(gpu: Gpu, buf: GPUBuffer, n: number): Promise<Float32Array> {
   const read = gpu.device.createBuffer({
     size: Math.max(4, n * 4),
     usage: GPUBufferUsage.COPY_DST | GPUBufferUsage.MAP_READ,
@@ -777,7 +852,7 @@ export async function timeDispatches(
  * The tune cache entries of `results` that found a correct variant: the chosen shape with its
  * median time and the heuristic shape's (where that ran).
  */
-export function tunedEntries(results: TuneResult[]): [string, TunedEntry][] {
+export function tunedEntries(results: AnyTuneResult[]): [string, TunedEntry][] {
   const out: [string, TunedEntry][] = [];
   for (const r of results) {
     if (!r.shape) continue;

@@ -41,12 +41,15 @@ for (const [layout, w4] of [["texture", false], ["buffer", false], ["texture", t
 }
 
 // 32 rows: the batched quantized kernels take every row in one token group (the 32-row plan once
-// more than 8 rows run, the 8-row one before)
-for (const layout of ["texture", "buffer"] as const) {
+// more than 8 rows run, the 8-row one before), and so do the dense lane kernels of the buffer
+// layout (kernels/matmul.ts)
+for (const [layout, w4] of [["texture", true], ["buffer", true], ["buffer", false]] as const) {
   Deno.test({
-    name: `decodeBatch (${layout} layout, W4 g32): 32 rows give their tokens alone`,
+    name: `decodeBatch (${layout} layout${
+      w4 ? ", W4 g32" : ", f32"
+    }): 32 rows give their tokens alone`,
     ignore: !have,
-    fn: () => withTempDir((dir) => batchVsAlone(dir, layout, true, 32)),
+    fn: () => withTempDir((dir) => batchVsAlone(dir, layout, w4, 32)),
   });
 }
 
@@ -114,11 +117,16 @@ async function batchVsAlone(dir: string, layout: string, w4: boolean, n: number)
     widest = Math.max(widest, rows.length);
   }
   if (many) assert.equal(widest, n, "every row ran in one step at least once");
-  // GPU adapters (and the GPU layout on lavapipe): the quantized kernels took all 32 rows in one
-  // token group (CPU adapters run the prefill kernels above 8 rows: runtime/model/model.ts)
+  // GPU adapters (and the GPU layout on lavapipe): the quantized kernels, or the dense lane
+  // kernels, took all 32 rows in one token group (CPU adapters run the prefill kernels above 8
+  // rows: runtime/model/model.ts)
   if (many && !gpu.isCpu) {
-    const keys = [...gpu.pipelines.keys()].filter((k) => k.startsWith("matmulq"));
-    assert.ok(keys.some((k) => k.includes(`_b${n}_`)), keys.join(", "));
+    const keys = [...gpu.pipelines.keys()].filter((k) => k.startsWith(w4 ? "matmulq" : "matmul_"));
+    const tag = w4 ? `_b${n}_` : `b${n}`; // a quantized kernel's batch, a lane kernel's tt
+    assert.ok(
+      keys.some((k) => w4 ? k.includes(tag) : /_t\d+u\d+b\d+$/.test(k) && k.endsWith(tag)),
+      keys.join(", "),
+    );
   }
   for (const [i, s] of seqs.entries()) {
     const len = s.prompt.length;

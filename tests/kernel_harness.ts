@@ -6,7 +6,7 @@ import { packStep, STEP_BYTES, type StepParams } from "../kernels/common.ts";
 import type { DenseFormat } from "../kernels/common.ts";
 import { type Bindable, bindingResource, type Gpu } from "../kernels/gpu.ts";
 import { allocDense, writeDenseRows } from "../runtime/model/gpu_weights.ts";
-import type { KvType } from "../kernels/epilogue.ts";
+import { kvCacheWords, type KvType } from "../kernels/epilogue.ts";
 
 const RW = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST;
 
@@ -24,17 +24,7 @@ export interface Job {
  * texel, row-major.
  */
 export function kvPairs(a: Float32Array, kvd: number, hd: number): Uint32Array<ArrayBuffer> {
-  const f = new Float32Array(a.length), half = hd / 2, ctx = a.length / kvd;
-  for (let p = 0; p < ctx; p++) {
-    for (let h = 0; h < kvd / hd; h++) {
-      for (let i = 0; i < half; i++) {
-        const o = p * kvd + h * hd + i, t = p * kvd + 2 * (h * half + i);
-        f[t] = a[o];
-        f[t + 1] = a[o + half];
-      }
-    }
-  }
-  return new Uint32Array(f.buffer);
+  return kvCacheWords(a, kvd, hd, "f32");
 }
 
 /** The inverse of {@link kvPairs}. */
@@ -59,8 +49,7 @@ export function kvUnpairs(words: Uint32Array, kvd: number, hd: number): Float32A
  * rounded to f16 (to nearest, ties to even). The same words fill the buffer and the texture.
  */
 export function kvHalves(a: Float32Array, kvd: number, hd: number): Uint32Array<ArrayBuffer> {
-  const pairs = new Float32Array(kvPairs(a, kvd, hd).buffer);
-  return new Uint32Array(Float16Array.from(pairs).buffer); // little-endian: pair[0] low
+  return kvCacheWords(a, kvd, hd, "f16");
 }
 
 /** The inverse of {@link kvHalves}: (ctx, kvd) values from the packed words. */

@@ -21,6 +21,7 @@ import {
 import {
   matmulBindings,
   matmulGrid,
+  matmulLaneShape,
   matmulPipeline,
   type MatmulVariant,
 } from "../kernels/matmul.ts";
@@ -359,6 +360,8 @@ async function runLinear(h: Harness, c: LinearCase): Promise<void> {
       epilogue: e,
       ...(tex
         ? { weights: "texture", upt: c.upt, upw: c.upw, tt: c.tt, xUniform: c.xUniform }
+        : c.tpr > 1
+        ? { tpr: c.tpr, upw: c.upw, tt: c.tt } // the lane variant
         : {}),
     };
     return {
@@ -431,6 +434,36 @@ for (const format of FORMATS) {
           norm: null,
           tpr: 0,
           upw: 0,
+          seed: seed++,
+        });
+      }
+    }
+  });
+}
+
+for (const format of FORMATS) {
+  Deno.test(`matmul ${format} lane variant (batched GPU steps): every epilogue, tt 8 and 32`, async () => {
+    const h = new Harness(gpu);
+    let seed = 300;
+    // ntok ≤ tt in one token group (a batched decode step), and more: several groups, the last
+    // one partial; tt 32 with the shape the runtime uses and a narrower split of K. Each
+    // epilogue takes two of the four.
+    const runs = [[5, matmulLaneShape(8)], [8, matmulLaneShape(8)], [29, matmulLaneShape(32)], [
+      37,
+      { tpr: 8, upw: 3, tt: 32 },
+    ]] as const;
+    for (const [i, epi] of EPIS.entries()) {
+      for (const [ntok, shape] of [runs[i % 4], runs[(i + 2) % 4]]) {
+        const K = ntok % 2 ? 332 : 148;
+        await runLinear(h, {
+          op: "matmul",
+          format,
+          epi,
+          K,
+          ntok,
+          pos: 3 + ntok,
+          norm: null,
+          ...shape,
           seed: seed++,
         });
       }

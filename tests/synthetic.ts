@@ -9,6 +9,12 @@ import { ParameterError } from "../runtime/errors.ts";
 import { pcgHash } from "../runtime/model/sampling.ts";
 import { joinPath } from "../runtime/checkpoint/safetensors.ts";
 
+export {
+  llama2_7bConfig,
+  llama32_1bLikeConfig,
+  smolLm2_135mConfig,
+} from "../runtime/checkpoint/shapes.ts";
+
 /** A small Llama for fast tests: GQA (4 heads, 2 KV heads), untied. */
 export const tinyConfig: ModelConfig = {
   architecture: "LlamaForCausalLM",
@@ -27,51 +33,6 @@ export const tinyConfig: ModelConfig = {
   qkvBias: false,
   bosId: 1,
   eosIds: [2],
-};
-
-/** HuggingFaceTB/SmolLM2-135M's shape (bos/eos as in the base model's config.json). */
-export const smolLm2_135mConfig: ModelConfig = {
-  architecture: "LlamaForCausalLM",
-  dim: 576,
-  hiddenDim: 1536,
-  nLayers: 30,
-  nHeads: 9,
-  nKvHeads: 3,
-  headDim: 64,
-  vocabSize: 49152,
-  seqLen: 8192,
-  normEps: 1e-5,
-  ropeTheta: 100000,
-  ropeScaling: null,
-  tiedEmbeddings: true,
-  qkvBias: false,
-  bosId: 0,
-  eosIds: [0],
-};
-
-/** A Llama-3.2-1B-like shape, with its llama3 RoPE scaling. */
-export const llama32_1bLikeConfig: ModelConfig = {
-  architecture: "LlamaForCausalLM",
-  dim: 2048,
-  hiddenDim: 8192,
-  nLayers: 16,
-  nHeads: 32,
-  nKvHeads: 8,
-  headDim: 64,
-  vocabSize: 128256,
-  seqLen: 131072,
-  normEps: 1e-5,
-  ropeTheta: 500000,
-  ropeScaling: {
-    factor: 32,
-    lowFreqFactor: 1,
-    highFreqFactor: 4,
-    originalMaxPositionEmbeddings: 8192,
-  },
-  tiedEmbeddings: true,
-  qkvBias: false,
-  bosId: 128000,
-  eosIds: [128001],
 };
 
 /** `partial` over `tinyConfig`; headDim follows dim / nHeads unless given. */

@@ -26,6 +26,7 @@ import {
   saveTuned,
   TUNE_CACHE_VERSION,
   tuneCachePath,
+  tunedAttentionFor,
   tunedFor,
 } from "../kernels/tune_cache.ts";
 import {
@@ -37,6 +38,7 @@ import {
 } from "../kernels/tune_key.ts";
 import { qKernelShape } from "../runtime/model/forward.ts";
 import { autoTune, tunePlan } from "../runtime/model/tune_plan.ts";
+import { defaultKvType } from "../runtime/model/run_state.ts";
 import { tinyConfig } from "./synthetic.ts";
 import { testGpu, testGpuLayout, withTempDir } from "./helpers.ts";
 
@@ -435,7 +437,7 @@ Deno.test("tune plan: one job per distinct kernel of the forward plans, heuristi
     assert.equal(jobs.length, 16, names.join("\n"));
     const tex = gpu.isCpu ? " texture+xu" : " buffer";
     assert.ok(names.includes(`matvec_q q4g32 128x64 b1 qkv+norm${tex}`), names.join("\n"));
-    assert.ok(names.includes(`matmul_q q4g32 256x64 b8 gateup${tex}`), names.join("\n"));
+    assert.ok(names.includes(`matmul_q q4g32 256x64 b8 gateup+norm${tex}`), names.join("\n"));
     assert.ok(
       names.includes(`matmul_q q4g32 64x128 prefill add${gpu.isCpu ? " texture" : " buffer"}`),
     );
@@ -471,6 +473,7 @@ Deno.test("first-run tuning: a GPU's missing kernels are tuned once and cached; 
       batchRows: [],
       prefill: false,
       space: { tpr: [16], upt: [1], slots: [2] },
+      attention: { space: { wg: [16] }, position: 40 },
       log: () => {},
     };
     const path = `${dir}/tune.json`;
@@ -498,17 +501,27 @@ async function firstRun(
   cpu.tuneCache = path;
   assert.deepEqual(await autoTune(cpu, c, w, opts), []);
   assert.equal(cpu.tuned.size, 0);
-  // a GPU adapter with an empty cache tunes w2's decode kernel and writes the cache
+  // a GPU adapter with an empty cache tunes w2's decode kernel and decode attention (no
+  // prefill, no batched plans here), and writes the cache
   const gpu = await namedGpu("test GPU C");
   gpu.tuneCache = path;
   const lines: string[] = [];
   const r = await autoTune(gpu, c, w, { ...opts, log: (l) => lines.push(l) });
   const name = "matvec_q q3g32 64x128 b1 add buffer";
-  assert.deepEqual(r.map((x) => x.name), [name]);
-  assert.ok(r[0].variants.length >= 2 && r[0].variants.every((v) => v.error === null));
-  assert.match(lines.join("\n"), /tuning 1 kernel shapes[\s\S]*tune 1\/1 matvec_q q3g32 64x128/);
+  const att = `attention h4 kv2 d16 ${defaultKvType(gpu)} buffer decode`;
+  assert.deepEqual(r.map((x) => x.name), [name, att]);
+  for (const x of r) {
+    assert.ok(x.variants.length >= 2 && x.variants.every((v) => v.error === null), x.name);
+  }
+  assert.match(
+    lines.join("\n"),
+    /tuning 2 kernel shapes[\s\S]*tune 1\/2 matvec_q q3g32 64x128[\s\S]*tune 2\/2 attention h4/,
+  );
   assert.deepEqual(gpu.tuned.get(name), r[0].shape);
-  assert.deepEqual(tunedFor(readTuneCache(path), gpuAdapterId(gpu)).get(name), r[0].shape);
+  assert.deepEqual(gpu.tunedAttention.get(att), r[1].shape);
+  const file = readTuneCache(path);
+  assert.deepEqual(tunedFor(file, gpuAdapterId(gpu)).get(name), r[0].shape);
+  assert.deepEqual(tunedAttentionFor(file, gpuAdapterId(gpu)).get(att), r[1].shape);
   // the next load finds it cached: nothing to tune; LOWBIT_TUNE=0 turns tuning off
   const again = await namedGpu("test GPU C");
   loadTunedShapes(again, path);
@@ -518,5 +531,5 @@ async function firstRun(
   Deno.env.set("LOWBIT_TUNE", "0");
   assert.deepEqual(await autoTune(off, c, w, opts), []);
   Deno.env.delete("LOWBIT_TUNE");
-  assert.equal((await autoTune(off, c, w, opts)).length, 1);
+  assert.equal((await autoTune(off, c, w, opts)).length, 2);
 }

@@ -1,9 +1,11 @@
 /**
- * `deno task tune`: tunes the quantized kernels of a model (or of synthetic model shapes) on this
- * machine's adapter (kernels/tuner.ts): every distinct kernel the forward plans run at batch 1,
- * at the batched decode row counts and in prefill; progress on stderr, a table of the heuristic
- * shape's time against the tuned one's on stdout, the choices into the tune cache
- * (kernels/tune_cache.ts), which every later run on this adapter reads.
+ * `deno task tune`: tunes the quantized kernels and the attention kernel of a model (or of
+ * synthetic model shapes) on this machine's adapter (kernels/tuner.ts, kernels/tune_attention.ts):
+ * every distinct quantized kernel the forward plans run at batch 1, at the batched decode row
+ * counts and in prefill, and attention in decode and prefill for the KV cache the runtime uses
+ * (`--kv-cache`); progress on stderr, a table of the heuristic shape's time against the tuned
+ * one's on stdout, the choices into the tune cache (kernels/tune_cache.ts), which every later run
+ * on this adapter reads.
  *
  * @example
  *   deno task tune --model model.lowbit
@@ -17,11 +19,26 @@ import { ParameterError } from "../errors.ts";
 import { createGpu, type Gpu } from "../../kernels/gpu.ts";
 import { qGroup } from "../../kernels/matvec_q.ts";
 import { gpuAdapterId, tuneCachePath } from "../../kernels/tune_cache.ts";
-import { describeShape } from "../../kernels/tune_key.ts";
-import type { TuneJob, TuneResult } from "../../kernels/tuner.ts";
+import { describeKernelShape } from "../../kernels/attention_key.ts";
+import type { AnyTuneResult } from "../../kernels/tuner.ts";
 import { weightSource } from "../model/gpu_weights.ts";
-import { type MatrixShape, type PlanWeights, tuneAndSave, tunePlan } from "../model/tune_plan.ts";
-import { checkOutputFile, intOption, parseCli, runMain, writeStdout } from "./cli.ts";
+import { llama2_7bConfig, llama32_1bLikeConfig } from "../checkpoint/shapes.ts";
+import {
+  attentionPlan,
+  type MatrixShape,
+  type PlanJob,
+  type PlanWeights,
+  tuneAndSave,
+  tunePlan,
+} from "../model/tune_plan.ts";
+import {
+  checkOutputFile,
+  intOption,
+  kvCacheOption,
+  parseCli,
+  runMain,
+  writeStdout,
+} from "./cli.ts";
 import { table } from "./inspect_cmd.ts";
 
 const USAGE = `usage: deno task tune (--model PATH | --shapes smoke|1b|7b) [options]
@@ -33,24 +50,29 @@ const USAGE = `usage: deno task tune (--model PATH | --shapes smoke|1b|7b) [opti
   --rows LIST        batched decode row counts to tune besides batch 1 (default: those the runtime
                      builds plans for, 8,32 on GPUs and 8 on CPU adapters; none = off)
   --skip-prefill     do not tune the prefill kernels
+  --kv-cache f16|f32 the KV cache type of the attention kernels (default: the runtime's, f16
+                     where the adapter has shader-f16)
   --repeats N        timed passes per variant, the median is kept (default 3 CPU, 5 GPU)
   --out FILE         cache to write (default $LOWBIT_TUNE_CACHE, else
                      $XDG_CACHE_HOME/lowbit/tune.json or ~/.cache/lowbit/tune.json)
   --adapter NAME|N   Vulkan driver to use (\`--adapter list\` lists them)`;
 
-/** Matrix dimensions of the synthetic shapes (one layer: every layer is alike). */
-const SHAPES: Record<
-  string,
-  Pick<
-    ModelConfig,
-    "dim" | "hiddenDim" | "nHeads" | "nKvHeads" | "headDim" | "vocabSize"
-  >
-> = {
-  smoke: { dim: 256, hiddenDim: 688, nHeads: 4, nKvHeads: 2, headDim: 64, vocabSize: 1024 },
-  "1b": { dim: 2048, hiddenDim: 8192, nHeads: 32, nKvHeads: 8, headDim: 64, vocabSize: 128256 },
-  "7b": { dim: 4096, hiddenDim: 11008, nHeads: 32, nKvHeads: 32, headDim: 128, vocabSize: 32000 },
+/** The synthetic shapes: a tiny smoke test and two real models' (runtime/checkpoint/shapes.ts). */
+const SHAPES: Record<string, ModelConfig> = {
+  smoke: {
+    ...llama2_7bConfig,
+    dim: 256,
+    hiddenDim: 688,
+    nHeads: 4,
+    nKvHeads: 2,
+    headDim: 64,
+    vocabSize: 1024,
+  },
+  "1b": llama32_1bLikeConfig,
+  "7b": llama2_7bConfig,
 };
 
+/** One layer of a synthetic shape (every layer is alike), its logits layer untied. */
 function syntheticModel(name: string): ModelConfig {
   const s = SHAPES[name];
   if (!s) {
@@ -58,19 +80,7 @@ function syntheticModel(name: string): ModelConfig {
       `--shapes must be one of ${Object.keys(SHAPES).join(", ")}; got "${name}"`,
     );
   }
-  return {
-    architecture: "LlamaForCausalLM",
-    ...s,
-    nLayers: 1,
-    seqLen: 2048,
-    normEps: 1e-5,
-    ropeTheta: 10000,
-    ropeScaling: null,
-    tiedEmbeddings: false,
-    qkvBias: false,
-    bosId: 1,
-    eosIds: [2],
-  };
+  return { ...s, nLayers: 1, seqLen: 2048, tiedEmbeddings: false };
 }
 
 /** Every matrix of one layer (and the logits) packed at `bits`, `group`. */
@@ -143,7 +153,7 @@ function listOption(name: string, v: string, ok: (n: number) => boolean, what: s
 const us = (t: number) => (Number.isFinite(t) ? t.toFixed(t < 100 ? 1 : 0) : "-");
 
 /** The summary: the heuristic shape's time against the tuned one's, per kernel. */
-export function summaryTable(results: TuneResult[]): string {
+export function summaryTable(results: AnyTuneResult[]): string {
   const rows = results.map((r) => [
     r.name,
     String(r.variants.length),
@@ -153,7 +163,7 @@ export function summaryTable(results: TuneResult[]): string {
     Number.isFinite(r.defaultUs) && Number.isFinite(r.us)
       ? `${(r.defaultUs / r.us).toFixed(2)}×`
       : "-",
-    r.shape ? describeShape(r.shape) : "none correct",
+    r.shape ? describeKernelShape(r.shape) : "none correct",
   ]);
   return table(
     ["kernel", "variants", "rejected", "default µs", "tuned µs", "speedup", "tuned shape"],
@@ -173,6 +183,7 @@ async function main(args: string[]): Promise<void> {
       head: { type: "boolean", default: false },
       rows: { type: "string" },
       "skip-prefill": { type: "boolean", default: false },
+      "kv-cache": { type: "string" },
       repeats: { type: "string" },
       out: { type: "string" },
       help: { type: "boolean", default: false },
@@ -193,6 +204,7 @@ async function main(args: string[]): Promise<void> {
     ? []
     : listOption("rows", a.rows, (n) => Number.isInteger(n) && n >= 1 && n <= 32, "1..32");
   const repeats = intOption("repeats", a.repeats, 1);
+  const kvType = kvCacheOption(a["kv-cache"]);
   const config = a.shapes !== undefined ? syntheticModel(a.shapes) : null;
   if (config) {
     try {
@@ -205,24 +217,24 @@ async function main(args: string[]): Promise<void> {
   if (a.out !== undefined) await checkOutputFile("--out", a.out);
 
   const gpu = await createGpu();
-  const plan = { batchRows, prefill: !a["skip-prefill"] };
-  let jobs: TuneJob[] = [];
+  const plan = { batchRows, prefill: !a["skip-prefill"], kvType };
+  const jobs: PlanJob[] = [];
   if (config) {
     for (const bits of bitsList) {
       const w = syntheticWeights(gpu, config, bits as Bits, group, a.head!);
       jobs.push(...tunePlan(gpu, config, w, plan));
     }
+    jobs.push(...attentionPlan(gpu, config, plan));
   } else {
     const ckpt = await openCheckpoint(a.model!);
     try {
-      jobs = tunePlan(gpu, ckpt.config, checkpointWeights(gpu, ckpt), plan);
+      jobs.push(...tunePlan(gpu, ckpt.config, checkpointWeights(gpu, ckpt), plan));
+      if (jobs.length === 0) {
+        console.error(`${a.model} has no packed low-bit layers: only attention is tuned`);
+      }
+      jobs.push(...attentionPlan(gpu, ckpt.config, plan));
     } finally {
       ckpt.close();
-    }
-    if (jobs.length === 0) {
-      throw new ParameterError(
-        `${a.model} has no packed low-bit layers: only quantized kernels are tuned`,
-      );
     }
   }
   console.error(

@@ -14,6 +14,7 @@ import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../../k
 import {
   matmulBindings,
   matmulGrid,
+  matmulLaneShape,
   matmulPipeline,
   matmulShape,
   type MatmulVariant,
@@ -31,7 +32,8 @@ import {
   matmulQPipeline,
   matmulQShape,
 } from "../../kernels/matmul_q.ts";
-import { attentionGrid, attentionGroup, attentionPipeline } from "../../kernels/attention.ts";
+import { attentionGrid, attentionPipeline } from "../../kernels/attention.ts";
+import { attentionKernelShape, type AttentionKey } from "../../kernels/attention_key.ts";
 import { type TunedShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
 import { type SampleOptions, sampleOptions, samplePipeline } from "../../kernels/sample.ts";
 import { adjustPipeline, historyPipeline } from "../../kernels/penalties.ts";
@@ -90,7 +92,7 @@ export function qKernelShape(gpu: Gpu, key: TuneKey, e: Epilogue, tuned = true):
   if (key.family === "matvec_q") {
     return spread(matvecQShape(gpu, key.K, key.tokens, e), unitCount(e, key.rows), gpu);
   }
-  return matmulQShape(gpu, e, key.tokens || undefined);
+  return matmulQShape(gpu, e, key.tokens || undefined, key.norm);
 }
 
 /** Builds dispatches from pipelines and named buffers. */
@@ -201,17 +203,33 @@ export class Builder {
     return e.kind === "qkv" ? { ...e, kv: this.state.kv, kvType: this.state.kvType } : e;
   }
 
-  /** epilogue(W · x[t]) for each of the step's tokens. */
-  matmul(W: Matrix, epilogue: Epilogue, bufs: Buffers, label: string): Dispatch[] {
-    // the dense kernels take at most DENSE_TT tokens per workgroup: more rows run as several
-    // token groups, and x as a uniform buffer needs the step in one group
+  /**
+   * epilogue(W · x[t]) for each of the step's tokens, with an optional fused RMSNorm of x (weight
+   * g; quantized W only, see {@link fusesNorm}).
+   */
+  matmul(
+    W: Matrix,
+    epilogue: Epilogue,
+    bufs: Buffers,
+    label: string,
+    eps: number | null = null,
+  ): Dispatch[] {
+    if (eps !== null && !fusesNorm(W)) throw new Error(`${label}: no fused norm for ${W.format}`);
+    const norm = eps === null ? null : { eps };
+    // the dense texture kernels take at most DENSE_TT tokens per workgroup: more rows run as
+    // several token groups, and x as a uniform buffer needs the step in one group; with buffer
+    // weights a batched step runs the lane variant, every row in one group
     const rows = this.rowsPerStep;
-    const tt = rows && W.format !== "q" ? Math.min(rows, DENSE_TT) : rows;
+    const tt = rows && W.format !== "q" && W.weights === "texture"
+      ? Math.min(rows, DENSE_TT)
+      : rows;
     const s = this.state as unknown as Buffers;
-    const x = tt && tt === rows && W.weights === "texture"
+    let x = tt && tt === rows && W.weights === "texture"
       ? this.uniform(bufs.x ?? s.x, tt * W.K * 4)
       : null;
-    const xb: Buffers = x ? { x } : {};
+    const g = x && norm ? this.uniform(bufs.g, W.K * 4) : null;
+    if (norm && !g) x = null;
+    const xb: Buffers = x ? (g ? { x, g } : { x }) : {};
     if (W.format === "q") {
       return W.chunks.map((c) => {
         const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
@@ -221,6 +239,7 @@ export class Builder {
           rows: c.rows,
           K: W.K,
           epilogue: e,
+          norm,
           weights: W.weights,
           xUniform: x !== null,
           ...qKernelShape(this.gpu, {
@@ -231,7 +250,7 @@ export class Builder {
             K: W.K,
             tokens: tt ?? 0,
             epilogue: e.kind,
-            norm: false,
+            norm: norm !== null,
             weights: W.weights,
             xUniform: x !== null,
           }, e),
@@ -251,7 +270,7 @@ export class Builder {
         epilogue: e,
         weights: W.weights,
         xUniform: x !== null,
-        ...(W.weights === "texture" ? matmulShape(e, tt) : {}),
+        ...(W.weights === "texture" ? matmulShape(e, tt) : tt ? matmulLaneShape(tt) : {}),
       };
       const pipeline = matmulPipeline(this.gpu, v);
       const bindGroup = this.bind(
@@ -287,22 +306,24 @@ export class Builder {
 
   /**
    * att = softmax(q·Kᵀ/√d)·V for the step's tokens over layer l's cache; `decode` (one token)
-   * lets CPU adapters read q as a uniform buffer.
+   * lets CPU adapters read q as a uniform buffer. The shape (wg, gq) is the tuner's choice for
+   * this key (`gpu.tunedAttention`), else the heuristic (attentionKernelShape).
    */
   attention(c: ModelConfig, l: number, decode = false): Dispatch {
     const tex = this.state.kv === "texture";
     const qd = c.nHeads * c.headDim;
     const q = tex && decode && qd % 4 === 0 ? this.uniform(this.state.q, qd * 4) : null;
-    const v = {
+    const key: AttentionKey = {
+      family: "attention",
       nHeads: c.nHeads,
       nKvHeads: c.nKvHeads,
       headDim: c.headDim,
-      wg: tex ? 8 : this.gpu.isCpu ? 32 : 64,
-      kv: this.state.kv,
       kvType: this.state.kvType,
+      kv: this.state.kv,
+      decode,
       qUniform: q !== null,
-      gq: tex ? attentionGroup(c.nHeads, c.nKvHeads, c.headDim) : 1,
     };
+    const v = { ...key, ...attentionKernelShape(this.gpu, key) };
     const pipeline = attentionPipeline(this.gpu, v);
     const bufs: Buffers = {
       kcache: this.state.kcache[l],
@@ -424,7 +445,58 @@ export function buildForward(gpu: Gpu, c: ModelConfig, w: GpuWeights, s: RunStat
 
 /** Embedding and every layer for the step's tokens (prefill kernels). */
 function layersPlan(b: Builder, c: ModelConfig, w: GpuWeights): Dispatch[] {
-  return [...b.embed(w.embed), ...w.layers.flatMap((L, l) => layerStages(b, c, L, l).flat())];
+  return [...b.embed(w.embed), ...w.layers.flatMap((L, l) => layerPlan(b, c, L, l))];
+}
+
+/** Whether the matrix kernels of W fuse an RMSNorm of their input (the quantized ones do). */
+export function fusesNorm(W: Matrix): boolean {
+  return W.format === "q";
+}
+
+/**
+ * out = epilogue(rmsnorm(x; g) · Wᵀ) for the step's tokens: one fused dispatch where W's kernels
+ * fuse the norm, else the norm into xn and the product from it.
+ */
+function normMatmul(
+  b: Builder,
+  W: Matrix,
+  e: Epilogue,
+  g: GPUBuffer,
+  bufs: Buffers,
+  eps: number,
+  label: string,
+): Dispatch[] {
+  const s = b.state;
+  if (fusesNorm(W)) return b.matmul(W, e, { x: s.x, g, ...bufs }, label, eps);
+  return [
+    b.rmsnorm(W.K, eps, { x: s.x, g, y: s.xn }),
+    ...b.matmul(W, e, { x: s.xn, ...bufs }, label),
+  ];
+}
+
+/**
+ * One layer for the step's tokens as the runtime runs it: {@link layerStages} with the norms
+ * fused into the quantized q, k, v and gate/up products (five dispatches a layer instead of seven
+ * where the weights are quantized).
+ */
+function layerPlan(b: Builder, c: ModelConfig, L: LayerWeights, l: number): Dispatch[] {
+  const s = b.state, eps = c.normEps;
+  const kv = { kcache: s.kcache[l], vcache: s.vcache[l], bias: L.bqkv! };
+  return [
+    ...normMatmul(b, L.wqkv, qkvEpilogue(c), L.attnNorm, kv, eps, `qkv.${l}`),
+    b.attention(c, l),
+    ...b.matmul(L.wo, { kind: "add" }, { x: s.att, y: s.x }, `wo.${l}`),
+    ...normMatmul(
+      b,
+      L.w13,
+      { kind: "gateup", hidden: c.hiddenDim },
+      L.ffnNorm,
+      { y: s.h },
+      eps,
+      `w13.${l}`,
+    ),
+    ...b.matmul(L.w2, { kind: "add" }, { x: s.h, y: s.x }, `w2.${l}`),
+  ];
 }
 
 /**
@@ -502,10 +574,6 @@ export function buildRowSampler(
 
 /** The final norm and the logits of every token of the step into `out` (ntok, vocab). */
 function logitsPlan(b: Builder, c: ModelConfig, w: GpuWeights, out: GPUBuffer): Dispatch[] {
-  const s = b.state;
   const logits: Epilogue = { kind: "store", offset: 0, ld: c.vocabSize };
-  return [
-    b.rmsnorm(c.dim, c.normEps, { x: s.x, g: w.norm, y: s.xn }),
-    ...b.matmul(w.lmHead, logits, { x: s.xn, y: out }, "logits_all"),
-  ];
+  return normMatmul(b, w.lmHead, logits, w.norm, { y: out }, c.normEps, "logits_all");
 }

@@ -104,7 +104,8 @@ export class GpuModel {
     if (opts.kvType !== undefined) checkKvType(opts.kvType, "kvType");
     return await gpu.validated("loading the model", async () => {
       const weights = await uploadWeights(gpu, ckpt, dtype, opts.onProgress);
-      await autoTune(gpu, c, weights); // first run on a GPU: tune its kernels (tune_plan.ts)
+      // first run on a GPU: tune its kernels (tune_plan.ts)
+      await autoTune(gpu, c, weights, { kvType: opts.kvType });
       const state = createRunState(gpu, c, ctx, maxT, slots, opts.kvType);
       return new GpuModel(gpu, c, weights, state);
     });
@@ -282,23 +283,29 @@ export class GpuModel {
     this.writeStep(rows[0].pos, B, rows[B - 1].sampling, 0, stepRows);
     const enc = this.gpu.device.createCommandEncoder();
     const pass = enc.beginComputePass();
-    const size = decodeRowPlans(this.gpu).find((n) => B <= n);
-    if (size !== undefined) {
-      let plan = this.rowsPlans.get(size);
-      if (!plan) {
-        plan = buildDecodeRows(this.gpu, this.config, this.weights, this.state, size, head.buffer);
-        this.rowsPlans.set(size, plan);
-      }
-      encodeDispatches(pass, plan, B);
-    } else {
-      encodeDispatches(pass, this.plan.prefill, B);
-      encodeDispatches(pass, head.plan, B);
-    }
+    encodeDispatches(pass, this.batchPlan(B), B);
     if (rows.some((r) => adjustsLogits(r.sampling))) encodeDispatches(pass, [head.adjustRows], B);
     encodeDispatches(pass, [head.sampleRows], B);
     pass.end();
     extra?.(enc);
     this.gpu.device.queue.submit([enc.finish()]);
+  }
+
+  /**
+   * The dispatches of a batched decode step of B rows up to the logits of every row: the
+   * smallest batched decode plan of at least B rows (built on first use), else the prefill's and
+   * the all-row logits.
+   */
+  batchPlan(B: number): Dispatch[] {
+    const head = this.batchHead();
+    const size = decodeRowPlans(this.gpu).find((n) => B <= n);
+    if (size === undefined) return [...this.plan.prefill, ...head.plan];
+    let plan = this.rowsPlans.get(size);
+    if (!plan) {
+      plan = buildDecodeRows(this.gpu, this.config, this.weights, this.state, size, head.buffer);
+      this.rowsPlans.set(size, plan);
+    }
+    return plan;
   }
 
   /** The all-row logits buffer and plan, and the per-row sampler over it (built on first use). */

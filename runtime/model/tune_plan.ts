@@ -1,27 +1,42 @@
 /**
- * Which quantized kernels a model's forward plan runs (as tuner keys, kernels/tune_key.ts), and
- * the first-run hook: when a model loads on a GPU whose tune cache has no entry for some of its
- * kernels, {@link autoTune} tunes them there (progress on stderr) and writes the cache, so later
- * runs reuse the choices. CPU adapters (lavapipe) only read the cache: their shader compiles
- * take seconds each, so they are tuned on request (`deno task tune`). `LOWBIT_TUNE=0` turns the
- * first-run tuning off; a Gpu made by hand (tests) has no cache and is never tuned.
+ * Which quantized kernels a model's forward plan runs (as tuner keys, kernels/tune_key.ts), which
+ * attention kernels (kernels/attention_key.ts), and the first-run hook: when a model loads on a
+ * GPU whose tune cache has no entry for some of its kernels, {@link autoTune} tunes them there
+ * (progress on stderr) and writes the cache, so later runs reuse the choices. CPU adapters
+ * (lavapipe) only read the cache: their shader compiles take seconds each, so they are tuned on
+ * request (`deno task tune`). `LOWBIT_TUNE=0` turns the first-run tuning off; a Gpu made by hand
+ * (tests) has no cache and is never tuned.
  */
 import type { ModelConfig } from "../checkpoint/config.ts";
 import type { Bits } from "../format/qtensor.ts";
 import type { WeightSource } from "../../kernels/common.ts";
-import type { Epilogue } from "../../kernels/epilogue.ts";
+import type { Epilogue, KvSource, KvType } from "../../kernels/epilogue.ts";
 import { align, type Gpu } from "../../kernels/gpu.ts";
-import { bareShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
+import { bareShape, type TunedShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
+import type { AttentionShape } from "../../kernels/attention.ts";
 import {
+  attentionKernelShape,
+  type AttentionKey,
+  attentionKeyString,
+  bareAttentionShape,
+  isAttentionKeyString,
+} from "../../kernels/attention_key.ts";
+import {
+  type AnyTuneResult,
   describeResult,
   tunedEntries,
   type TuneJob,
   tuneJobs,
   type TuneOptions,
-  type TuneResult,
 } from "../../kernels/tuner.ts";
+import {
+  type AttentionJob,
+  type AttentionTuneOptions,
+  tuneAttentionJobs,
+} from "../../kernels/tune_attention.ts";
 import { gpuAdapterId, saveTuned } from "../../kernels/tune_cache.ts";
 import { decodeRowPlans, qKernelShape, qkvEpilogue } from "./forward.ts";
+import { defaultKvType, kvSource } from "./run_state.ts";
 
 /** What the plan needs of a weight matrix: a Matrix (gpu_weights.ts) or its description. */
 export interface MatrixShape {
@@ -44,11 +59,23 @@ export interface TunePlanOptions {
   batchRows?: readonly number[];
   /** Include the prefill kernels (default true). */
   prefill?: boolean;
+  /** The attention keys' KV element type (default: the run state's default, defaultKvType). */
+  kvType?: KvType;
+  /** The attention keys' KV layout (default: the run state's at the default context, kvSource). */
+  kv?: KvSource;
+}
+
+/** A tune job of either kind: a quantized matrix kernel's or the attention kernel's. */
+export type PlanJob = TuneJob | AttentionJob;
+
+function isAttentionJob(j: PlanJob): j is AttentionJob {
+  return j.key.family === "attention";
 }
 
 /**
  * Whether the Builder binds `bytes` of an activation as a uniform buffer (forward.ts
- * Builder.uniform): CPU adapters with texture weights, within 64 KiB and the device's limit.
+ * Builder.uniform): CPU adapters with texture weights (or, for attention's q, texture KV),
+ * within 64 KiB and the device's limit.
  */
 function uniformFits(gpu: Gpu, weights: WeightSource, bytes: number): boolean {
   const limit = Math.min(65536, gpu.device.limits.maxUniformBufferBindingSize);
@@ -57,8 +84,8 @@ function uniformFits(gpu: Gpu, weights: WeightSource, bytes: number): boolean {
 
 /**
  * Every distinct quantized kernel the forward plans run for `w`, as tune jobs with the
- * heuristic shape as default: the decode matrix-vector products (batch 1, fused norms), the
- * batched decode steps of each row count and the prefill; grouped by matrix, so that the tuner
+ * heuristic shape as default: the decode matrix-vector products (batch 1), the batched decode
+ * steps of each row count and the prefill, the norms fused into qkv, gate/up and the logits; grouped by matrix, so that the tuner
  * draws each matrix's random weights once. Dense (f16/f32) matrices are not tuned.
  */
 export function tunePlan(
@@ -100,10 +127,10 @@ export function tunePlan(
       push({ ...base, family: "matvec_q", tokens: 1, norm, xUniform: decodeUniform }, e);
       for (const rows of rowsList) {
         const xUniform = uniformFits(gpu, M.weights, rows * M.K * 4);
-        push({ ...base, family: "matmul_q", tokens: rows, norm: false, xUniform }, e);
+        push({ ...base, family: "matmul_q", tokens: rows, norm, xUniform }, e);
       }
       if (opts.prefill ?? true) {
-        push({ ...base, family: "matmul_q", tokens: 0, norm: false, xUniform: false }, e);
+        push({ ...base, family: "matmul_q", tokens: 0, norm, xUniform: false }, e);
       }
     }
   }
@@ -120,21 +147,78 @@ export function tunePlan(
 }
 
 /**
- * Tunes `jobs`, a progress line per job on stderr, and files the choices in the Gpu's tune
- * cache (or `path`) and in `gpu.tuned`. Returns the results.
+ * The attention kernels the forward plans run for `c`, as tune jobs with the heuristic shape as
+ * default (the Builder.attention keys): decode (one token; q bound as a uniform buffer where the
+ * Builder binds it so) and, where prefill or batched decode plans are tuned, the kernel of the
+ * steps of many tokens; for the run state's KV layout and element type (`opts.kv`, `opts.kvType`).
+ */
+export function attentionPlan(
+  gpu: Gpu,
+  c: ModelConfig,
+  opts: TunePlanOptions = {},
+): AttentionJob[] {
+  const qd = c.nHeads * c.headDim;
+  // the run state's layout at the default context (GpuModel.load: the model's, at most 2048)
+  const kv = opts.kv ?? kvSource(gpu, Math.min(c.seqLen, 2048), c.nKvHeads * c.headDim);
+  const base = {
+    family: "attention" as const,
+    nHeads: c.nHeads,
+    nKvHeads: c.nKvHeads,
+    headDim: c.headDim,
+    kvType: opts.kvType ?? defaultKvType(gpu),
+    kv,
+  };
+  const qUniform = kv === "texture" && qd % 4 === 0 && uniformFits(gpu, kv, qd * 4);
+  const keys: AttentionKey[] = [{ ...base, decode: true, qUniform }];
+  if ((opts.prefill ?? true) || (opts.batchRows ?? decodeRowPlans(gpu)).length > 0) {
+    keys.push({ ...base, decode: false, qUniform: false });
+  }
+  return keys.map((key) => ({ key, default: attentionKernelShape(gpu, key, false) }));
+}
+
+/**
+ * What {@link tuneAndSave} takes: the quantized kernels' options, the attention kernel's
+ * (`attention`: its space and test hooks; repeats, dispatches and prefillTokens apply to both),
+ * the cache to write, the progress sink.
+ */
+export type TuneAndSaveOptions = TuneOptions & {
+  attention?: AttentionTuneOptions;
+  path?: string;
+  log?: (line: string) => void;
+};
+
+/**
+ * Tunes `jobs` (the quantized kernels first, then attention), a progress line per job on
+ * stderr, and files the choices in the Gpu's tune cache (or `path`) and in `gpu.tuned` /
+ * `gpu.tunedAttention`. Returns the results, in that order.
  */
 export async function tuneAndSave(
   gpu: Gpu,
-  jobs: TuneJob[],
-  opts: TuneOptions & { path?: string; log?: (line: string) => void } = {},
-): Promise<TuneResult[]> {
+  jobs: PlanJob[],
+  opts: TuneAndSaveOptions = {},
+): Promise<AnyTuneResult[]> {
   const log = opts.log ?? ((l: string) => console.error(l));
-  const results = await tuneJobs(gpu, jobs, {
+  const matrix = jobs.filter((j) => !isAttentionJob(j)) as TuneJob[];
+  const n = jobs.length;
+  const results: AnyTuneResult[] = await tuneJobs(gpu, matrix, {
     ...opts,
-    onResult: (r, i, n) => log(describeResult(r, i, n)),
+    onResult: (r, i) => log(describeResult(r, i, n)),
   });
+  const { repeats, dispatches, prefillTokens } = opts;
+  results.push(
+    ...await tuneAttentionJobs(gpu, jobs.filter(isAttentionJob), {
+      repeats,
+      dispatches,
+      prefillTokens,
+      ...opts.attention,
+      onResult: (r, i) => log(describeResult(r, matrix.length + i, n)),
+    }),
+  );
   const entries = tunedEntries(results);
-  for (const [k, e] of entries) gpu.tuned.set(k, bareShape(e));
+  for (const [k, e] of entries) {
+    if (isAttentionKeyString(k)) gpu.tunedAttention.set(k, bareAttentionShape(e as AttentionShape));
+    else gpu.tuned.set(k, bareShape(e as TunedShape));
+  }
   const path = opts.path ?? gpu.tuneCache;
   if (path) {
     try {
@@ -156,10 +240,15 @@ export async function autoTune(
   gpu: Gpu,
   c: ModelConfig,
   w: PlanWeights,
-  opts: TunePlanOptions & TuneOptions & { log?: (line: string) => void } = {},
-): Promise<TuneResult[]> {
+  opts: TunePlanOptions & TuneAndSaveOptions = {},
+): Promise<AnyTuneResult[]> {
   if (gpu.isCpu || gpu.tuneCache === null || envTune() === "0") return [];
-  const jobs = tunePlan(gpu, c, w, opts).filter((j) => !gpu.tuned.has(tuneKeyString(j.key)));
+  const jobs: PlanJob[] = [
+    ...tunePlan(gpu, c, w, opts).filter((j) => !gpu.tuned.has(tuneKeyString(j.key))),
+    ...attentionPlan(gpu, c, opts).filter((j) =>
+      !gpu.tunedAttention.has(attentionKeyString(j.key))
+    ),
+  ];
   if (jobs.length === 0) return [];
   const log = opts.log ?? ((l: string) => console.error(l));
   log(
