@@ -52,7 +52,8 @@ export function runSlice(t: SliceTask): SliceResult {
   return { q, scale, zero, rows: d.loss.rows, history: d.history, energy: d.energy };
 }
 
-function shared<T extends Float64Array | Int32Array>(a: T): T {
+/** A copy of `a` in a SharedArrayBuffer, for workers to read without a copy of their own. */
+export function shared<T extends Float64Array | Int32Array>(a: T): T {
   const C = a.constructor as { new (b: SharedArrayBuffer): T };
   const out = new C(new SharedArrayBuffer(a.byteLength));
   out.set(a as never);

@@ -16,16 +16,18 @@
  *
  * Measuring on the float model's inputs (not the sequential pass's) decides the allocation
  * once, independent of the order layers are quantized in, at the cost of one float forward.
+ * A layer's trials run on a pool of worker threads (quantize/trial_parallel.ts), one format
+ * per task, with the same D as on one thread.
  */
 import type { Checkpoint } from "../runtime/checkpoint/checkpoint.ts";
 import { tensorNames as T } from "../runtime/checkpoint/config.ts";
 import type { Gpu } from "../kernels/gpu.ts";
-import { dequantize, type QuantizedLinear } from "../runtime/format/qtensor.ts";
+import { dequantize } from "../runtime/format/qtensor.ts";
 import { BlockRunner, CAPTURE, linearName } from "./block_runner.ts";
 import { calibratedLayer, layerLoss } from "./hessian.ts";
-import { diagonal, rtnQuantize } from "./rtn.ts";
-import { gptqPlan, gptqQuantize } from "./gptq.ts";
-import { decoupleQ } from "./decoupleq.ts";
+import { rtnQuantize } from "./rtn.ts";
+import { gptqPlan } from "./gptq.ts";
+import { TrialPool } from "./trial_parallel.ts";
 import { captureHessian, embedInputs, GROUPS, type Method } from "./sequential.ts";
 import {
   BlockMath,
@@ -61,6 +63,10 @@ export interface MeasureOptions {
   method: Method | null;
   iters?: number;
   percdamp?: number;
+  /** Worker threads of the trial quantizations (default: all cores; 1: this thread only). */
+  threads?: number;
+  /** Multiply-adds per trial (N·K²) below which a layer's trials stay on this thread. */
+  minParallelWork?: number;
   log?: (line: string) => void;
 }
 
@@ -79,24 +85,6 @@ export function roundoffErrors(
   });
 }
 
-/** One trial quantization of a calibrated layer with a shared GPTQ plan. */
-function trial(
-  method: Method,
-  W: Float64Array,
-  N: number,
-  K: number,
-  H: Float64Array,
-  f: Format,
-  plan: ReturnType<typeof gptqPlan> | null,
-  iters?: number,
-): QuantizedLinear {
-  if (method === "rtn") {
-    return rtnQuantize(W, N, K, { ...f, clip: "hdiag", Hdiag: diagonal(H, K) });
-  }
-  if (method === "gptq") return gptqQuantize(W, N, K, H, { ...f, clip: "hdiag", plan: plan! });
-  return decoupleQ(W, N, K, H, { ...f, iters, plan: plan! }).ql;
-}
-
 /** D_l(f) (with `method`), E_l(f) and H's statistics of every block linear, in one float pass. */
 export async function measureDistortions(
   gpu: Gpu,
@@ -104,7 +92,25 @@ export async function measureDistortions(
   seqs: number[][],
   o: MeasureOptions,
 ): Promise<LayerMeasure[]> {
-  const c = ckpt.config, log = o.log ?? ((l: string) => console.error(l));
+  const log = o.log ?? ((l: string) => console.error(l));
+  const pool = new TrialPool({ threads: o.threads, minWork: o.minParallelWork });
+  try {
+    return await measureWith(gpu, ckpt, seqs, o, pool, log);
+  } finally {
+    pool.close();
+  }
+}
+
+/** The float pass of {@link measureDistortions}, each layer's trials on `pool`. */
+async function measureWith(
+  gpu: Gpu,
+  ckpt: Checkpoint,
+  seqs: number[][],
+  o: MeasureOptions,
+  pool: TrialPool,
+  log: (line: string) => void,
+): Promise<LayerMeasure[]> {
+  const c = ckpt.config;
   const runner = BlockRunner.create(gpu, c, Math.max(...seqs.map((s) => s.length)));
   let inputs = await embedInputs(ckpt, seqs);
   const out: LayerMeasure[] = [];
@@ -119,10 +125,11 @@ export async function measureDistortions(
         const { W, H } = calibratedLayer(await ckpt.read(name), N, K, hessian, o.percdamp);
         const plan = o.method && o.method !== "rtn" ? gptqPlan(H, K) : null;
         const D = o.method
-          ? o.formats.map((f) => {
-            const ql = trial(o.method!, W, N, K, H, f, plan, o.iters);
-            return layerLoss(W, dequantize(ql, new Float64Array(N * K)), H, N, K).loss;
-          })
+          ? await pool.distortions(
+            name,
+            { method: o.method, W, N, K, H, plan, iters: o.iters },
+            o.formats,
+          )
           : null;
         const energy = layerLoss(W, new Float64Array(N * K), H, N, K).loss;
         let traceH = 0;
@@ -137,6 +144,15 @@ export async function measureDistortions(
       hessian.free();
     }
     inputs = await runner.run(inputs, CAPTURE.output);
+  }
+  if (o.method) {
+    const ms = out.reduce((a, m) => a + m.ms, 0);
+    log(
+      `allocation: measured ${out.length} linears at ${o.formats.length} formats in ` +
+        `${(ms / 1000).toFixed(2)} s (${o.method} trials, ${pool.threads} thread${
+          pool.threads === 1 ? "" : "s"
+        })`,
+    );
   }
   return out;
 }

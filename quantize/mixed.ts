@@ -182,7 +182,7 @@ export async function allocateFormats(
   ckpt: Checkpoint,
   seqs: number[][] | null,
   target: number,
-  o: BudgetOptions & { method: Method; iters?: number; percdamp?: number },
+  o: BudgetOptions & { method: Method; iters?: number; percdamp?: number; threads?: number },
   log: (line: string) => void,
 ): Promise<Allocation> {
   const t0 = performance.now();
@@ -203,6 +203,7 @@ export async function allocateFormats(
       method: trialMethod,
       iters: o.iters,
       percdamp: o.percdamp,
+      threads: o.threads,
       log,
     });
   } else {

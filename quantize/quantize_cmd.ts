@@ -24,7 +24,8 @@ const USAGE = `usage: deno task quantize --model PATH --out FILE [options]
   --calib-seqlen N              tokens per sequence, BOS included (default: context, at most 512)
   --iters N                     decoupleQ alternations, stopping early when rows stop improving (default 8)
   --seed S                      calibration sampling seed (default 0)
-  --threads N                   CPU threads for decoupleQ stage 1 (default: all cores)
+  --threads N                   CPU threads for decoupleQ stage 1 and cvxq's trial quantizations
+                                (default: all cores)
   --adapter NAME|N              Vulkan driver for the calibration passes (\`--adapter list\`)
   --stage2 / --no-stage2        decoupleQ stage 2: tune s, z and norms per block (default on for decoupleq)
   --stage2-epochs N             (default 5)

@@ -47,7 +47,7 @@ export interface QuantizeModelOptions {
    */
   calib?: { path: string; seqLen?: number; samples: number; seed: number };
   iters?: number;
-  /** CPU threads for decoupleQ stage 1 (default: all cores). */
+  /** CPU threads for decoupleQ stage 1 and cvxq's trial quantizations (default: all cores). */
   threads?: number;
   /** Pack the logits layer too (a tied model's file gets an untied, packed lm_head). */
   quantizeHead?: boolean;
@@ -176,6 +176,7 @@ export async function quantizeModel(o: QuantizeModelOptions): Promise<QuantizeMo
         method: o.method,
         iters: o.iters,
         percdamp: o.percdamp,
+        threads: o.threads,
       }, log);
     }
     const tensors: LowbitTensorSpec[] = [...expectedShapes(c)].map(([name, shape]) =>
