@@ -417,51 +417,27 @@ for (const format of FORMATS) {
     }
   });
 
-  Deno.test(`matmul ${format}: every epilogue, ntok 1, 3, 8, 13 at pos ≠ 0`, async () => {
+  Deno.test(`matmul ${format}: every epilogue, ntok 1, 3, 8, 13 at pos ≠ 0; the lane variant`, async () => {
     const h = new Harness(gpu);
     let seed = 200;
-    for (const epi of EPIS) {
-      for (const ntok of [1, 3, 8, 13]) {
-        // K 332 = 4·83: the inputs are staged 64 vec4s at a time, so this takes two rounds
-        const K = ntok % 2 ? 332 : 148;
-        await runLinear(h, {
-          op: "matmul",
-          format,
-          epi,
-          K,
-          ntok,
-          pos: 5 + ntok,
-          norm: null,
-          tpr: 0,
-          upw: 0,
-          seed: seed++,
-        });
-      }
-    }
-  });
-}
-
-for (const format of FORMATS) {
-  Deno.test(`matmul ${format} lane variant (batched GPU steps): every epilogue, tt 8 and 32`, async () => {
-    const h = new Harness(gpu);
-    let seed = 300;
-    // ntok ≤ tt in one token group (a batched decode step), and more: several groups, the last
-    // one partial; tt 32 with the shape the runtime uses and a narrower split of K. Each
-    // epilogue takes two of the four.
-    const runs = [[5, matmulLaneShape(8)], [8, matmulLaneShape(8)], [29, matmulLaneShape(32)], [
+    // the staged kernel: K 332 = 4·83 takes two rounds of 64 staged vec4s
+    const staged = [1, 3, 8, 13].map((ntok) => [ntok, { tpr: 0, upw: 0 }] as const);
+    // the lane kernel (batched GPU steps): ntok ≤ tt in one token group, and more (several
+    // groups, the last one partial); tt 32 with the runtime's shape and a narrower split of K.
+    // Each epilogue takes two of the four.
+    const lane = [[5, matmulLaneShape(8)], [8, matmulLaneShape(8)], [29, matmulLaneShape(32)], [
       37,
       { tpr: 8, upw: 3, tt: 32 },
     ]] as const;
     for (const [i, epi] of EPIS.entries()) {
-      for (const [ntok, shape] of [runs[i % 4], runs[(i + 2) % 4]]) {
-        const K = ntok % 2 ? 332 : 148;
+      for (const [ntok, shape] of [...staged, lane[i % 4], lane[(i + 2) % 4]]) {
         await runLinear(h, {
           op: "matmul",
           format,
           epi,
-          K,
+          K: ntok % 2 ? 332 : 148,
           ntok,
-          pos: 3 + ntok,
+          pos: 5 + ntok,
           norm: null,
           ...shape,
           seed: seed++,
