@@ -26,9 +26,9 @@ export class Gpu {
   /** The first WebGPU error no scope caught (the device's `uncapturederror`), if any. */
   failure: string | null = null;
   /**
-   * Thread shapes the tuner chose for this adapter by kernel key (kernels/tune_key.ts), which
-   * the forward plan uses as they are: read from the tune cache by createGpu, empty for a Gpu
-   * made by hand.
+   * Thread shapes the tuner chose for this adapter by matrix kernel key (quantized:
+   * kernels/tune_key.ts; dense: kernels/dense_key.ts), which the forward plan uses as they are:
+   * read from the tune cache by createGpu, empty for a Gpu made by hand.
    */
   tuned = new Map<string, TunedShape>();
   /**

@@ -10,6 +10,11 @@
  * matrix-vector kernel's layout with `tt` tokens: `tpr` threads share a unit and take every
  * tpr-th vec4 of K (consecutive threads read consecutive weights), each weight loaded once for
  * all tt tokens, and the threads' sums meet in workgroup memory (see matmulLaneShape).
+ *
+ * The kernel tuner (kernels/tune_dense.ts) tunes the lane variant's tpr and upw per weight shape
+ * and row count (kernels/dense_key.ts). The staged prefill variant (64 units × 8 tokens per
+ * workgroup) and the texture variant (CPU adapters, matmulShape) stay untuned: they run their
+ * built-in shapes.
  */
 import {
   denseAccess,
@@ -208,13 +213,25 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }`;
 }
 
-export function matmulPipeline(gpu: Gpu, v: MatmulVariant): GPUComputePipeline {
-  const key = v.weights === "texture"
+/** The pipeline cache key of a variant. */
+export function matmulKey(v: MatmulVariant): string {
+  return v.weights === "texture"
     ? `matmul_${denseTexKey(texCore(v))}`
     : `matmul_${v.format}_${v.rows}x${v.K}_${epilogueKey(v.epilogue)}${
       isLane(v) ? `_t${v.tpr}u${v.upw ?? 4}b${v.tt ?? 8}` : ""
     }`;
-  return gpu.pipeline(key, () => matmulWgsl(v));
+}
+
+export function matmulPipeline(gpu: Gpu, v: MatmulVariant): GPUComputePipeline {
+  return gpu.pipeline(matmulKey(v), () => matmulWgsl(v));
+}
+
+/**
+ * The bytes of workgroup memory the lane variant declares: a vec2 sum per thread and token,
+ * 8 · tpr · upw · tt.
+ */
+export function laneWorkgroupBytes(v: { tpr: number; upw: number; tt: number }): number {
+  return 8 * v.tpr * v.upw * v.tt;
 }
 
 /** Grid: (unit groups, 1 or more, token groups). */

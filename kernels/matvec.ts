@@ -134,6 +134,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 }`;
 }
 
+/**
+ * The bytes of workgroup memory a buffer-weights variant declares: the reduction array (8 per
+ * thread, with a fused norm or tpr > 1) and, with a fused norm, the normalized x (4 per input).
+ * Texture variants declare none.
+ */
+export function matvecWorkgroupBytes(
+  v: Pick<MatvecVariant, "K" | "norm" | "tpr" | "upw" | "weights">,
+): number {
+  if (v.weights === "texture") return 0;
+  return (v.norm || v.tpr > 1 ? 8 * v.tpr * v.upw : 0) + (v.norm ? 4 * v.K : 0);
+}
+
 /** Weight rows per thread of the texture kernels' CPU shape. */
 export const MATVEC_TEX_ROWS = 8;
 
@@ -165,4 +177,21 @@ export function matvecShape(
   if (gpu.isCpu) return { tpr: 1, upw: 64 };
   const tpr = K >= 1024 ? 64 : K >= 256 ? 32 : 8;
   return { tpr, upw: Math.max(1, 256 / tpr) };
+}
+
+/**
+ * A CPU shape with `upt` units per thread and 8 threads per workgroup, its units per thread halved
+ * while it would leave fewer than 4 workgroups, so that small matrices still spread over the
+ * cores (on lavapipe a workgroup runs on one thread). Other shapes are returned as they are. (The
+ * heuristic shapes of the dense and the quantized matrix-vector kernels both go through it.)
+ */
+export function spreadShape<S extends { tpr: number; upw: number; upt?: number }>(
+  shape: S,
+  units: number,
+  gpu: Gpu,
+): S {
+  if (!gpu.isCpu || shape.tpr !== 1 || !shape.upt || shape.upw !== 8 * shape.upt) return shape;
+  let upt = shape.upt;
+  while (upt > 1 && Math.ceil(units / (8 * upt)) < 4) upt = Math.ceil(upt / 2);
+  return { ...shape, upt, upw: 8 * upt };
 }

@@ -6,10 +6,12 @@
  *     "adapters": { "<adapter id>": { "shapes": {
  *       "matvec_q q4g128 576x1536 b1 gateup+norm buffer": { "tpr": 32, "upw": 8, "upt": 2,
  *                                                           "us": 41.2, "defaultUs": 55.0 },
+ *       "matvec f16 32000x2048 store+norm buffer": { "tpr": 64, "upw": 4, "upt": 1, "us": 90.3 },
  *       "attention h32 kv8 d64 f16 buffer decode": { "wg": 128, "gq": 1, "us": 20.1 } } } } }
  *
- * Keys name a quantized matrix kernel (kernels/tune_key.ts: a thread shape) or the attention
- * kernel (kernels/attention_key.ts: wg and gq).
+ * Keys name a quantized matrix kernel (kernels/tune_key.ts: a thread shape), a dense one
+ * (kernels/dense_key.ts: a thread shape too) or the attention kernel (kernels/attention_key.ts:
+ * wg and gq).
  *
  * Path: `$LOWBIT_TUNE_CACHE`, else `$XDG_CACHE_HOME/lowbit/tune.json`, else
  * `~/.cache/lowbit/tune.json`. A missing file is an empty cache. A corrupt one (bad JSON, another
@@ -20,6 +22,7 @@
 import type { Gpu } from "./gpu.ts";
 import type { AttentionShape } from "./attention.ts";
 import { bareShape, parseTuneKey, type TunedShape, tunedShapeProblem } from "./tune_key.ts";
+import { denseShapeProblem, parseDenseKey } from "./dense_key.ts";
 import {
   attentionShapeProblem,
   bareAttentionShape,
@@ -30,8 +33,9 @@ import {
 } from "./attention_key.ts";
 
 /**
- * Bump when the file's layout or the kernels' meaning of a shape changes. (The attention entries
- * are new keys beside the quantized kernels' in the same layout: version 1 files stay valid.)
+ * Bump when the file's layout or the kernels' meaning of a shape changes. (The attention and the
+ * dense kernels' entries are new keys beside the quantized kernels' in the same layout: version 1
+ * files stay valid.)
  */
 export const TUNE_CACHE_VERSION = 1;
 
@@ -43,7 +47,7 @@ export interface TunedTimes {
   defaultUs?: number;
 }
 
-/** One tuned choice: the shape (a quantized kernel's or attention's) and its times. */
+/** One tuned choice: the shape (a matrix kernel's or attention's) and its times. */
 export type TunedEntry = KernelShape & TunedTimes;
 
 export interface TuneCacheFile {
@@ -98,8 +102,9 @@ export function tuneCacheProblem(data: unknown, limits?: KernelLimits): string |
       return `adapter "${id}": "shapes" is not an object`;
     }
     for (const [k, s] of Object.entries(shapes)) {
-      const key = parseTuneKey(k), akey = key ? null : parseAttentionKey(k);
-      if (!key && !akey) return `adapter "${id}": "${k}" is not a kernel key`;
+      const key = parseTuneKey(k), dkey = key ? null : parseDenseKey(k);
+      const akey = key || dkey ? null : parseAttentionKey(k);
+      if (!key && !dkey && !akey) return `adapter "${id}": "${k}" is not a kernel key`;
       if (typeof s !== "object" || s === null || Array.isArray(s)) {
         return `adapter "${id}", ${k}: the entry is not an object`;
       }
@@ -111,6 +116,8 @@ export function tuneCacheProblem(data: unknown, limits?: KernelLimits): string |
       }
       const problem = key
         ? tunedShapeProblem(key, e as unknown as TunedShape, limits)
+        : dkey
+        ? denseShapeProblem(dkey, e as unknown as TunedShape, limits)
         : attentionShapeProblem(akey!, e as unknown as AttentionShape, limits);
       if (problem) return `adapter "${id}", ${k}: ${problem}`;
     }
@@ -157,8 +164,8 @@ export function readTuneCache(
 }
 
 /**
- * The quantized kernels' tuned shapes of one adapter, by key string (entries of other adapters
- * are not used).
+ * The matrix kernels' tuned shapes (quantized and dense) of one adapter, by key string (entries
+ * of other adapters are not used).
  */
 export function tunedFor(file: TuneCacheFile, id: string): Map<string, TunedShape> {
   const out = new Map<string, TunedShape>();

@@ -104,7 +104,7 @@ export function describeShape(s: TunedShape): string {
  * An epilogue with the key's unit structure, which is what a thread shape depends on: store/add
  * over the key's rows, and a row-pair epilogue (gateup, qkv) as gateup over rows / 2 units.
  */
-export function unitEpilogue(key: TuneKey): Epilogue {
+export function unitEpilogue(key: Pick<TuneKey, "epilogue" | "rows">): Epilogue {
   if (key.epilogue === "gateup" || key.epilogue === "qkv") {
     return { kind: "gateup", hidden: key.rows / 2 };
   }

@@ -14,7 +14,9 @@
  * separate words-per-load or unroll parameter: a thread's loads are its tpr-strided spans and
  * its rows × tokens body is unrolled whole, so upt and tt are the unroll.
  *
- * The attention kernel is tuned the same way (kernels/tune_attention.ts), with this module's
+ * The dense (f32/f16) matrix kernels (kernels/tune_dense.ts) run on this module's bench
+ * ({@link MatrixBench}: inputs, epilogue outputs and the float64 reference over any weights'
+ * rows) and the attention kernel (kernels/tune_attention.ts) on its own; both use this module's
  * variant runner ({@link runVariant}), output check, timing and choice, and the same result
  * types.
  */
@@ -41,6 +43,7 @@ import {
 } from "./matmul_q.ts";
 import type { AttentionShape } from "./attention.ts";
 import { type AttentionKey, describeKernelShape, type KernelShape } from "./attention_key.ts";
+import type { DenseKey } from "./dense_key.ts";
 import {
   describeShape,
   normalizeKey,
@@ -199,8 +202,11 @@ export interface TuneResult<K = TuneKey, S = TunedShape> {
 /** The result of the attention kernel's tuning (kernels/tune_attention.ts). */
 export type AttentionTuneResult = TuneResult<AttentionKey, AttentionShape>;
 
-/** A result of either kind, as tuneAndSave and the tune command's report take them. */
-export type AnyTuneResult = TuneResult | AttentionTuneResult;
+/** The result of a dense matrix kernel's tuning (kernels/tune_dense.ts). */
+export type DenseTuneResult = TuneResult<DenseKey, TunedShape>;
+
+/** A result of any kind, as tuneAndSave and the tune command's report take them. */
+export type AnyTuneResult = TuneResult | DenseTuneResult | AttentionTuneResult;
 
 /** What every kind of tune job takes: timing, and the test hooks over its shapes `S`. */
 export interface VariantOptions<S> {
@@ -240,21 +246,33 @@ export function describeResult(r: AnyTuneResult, i: number, n: number): string {
  * Tunes each job in turn, `onResult` after each (progress); the weights of consecutive jobs
  * over the same matrix shape are generated once.
  */
-export async function tuneJobs(
+export function tuneJobs(
   gpu: Gpu,
   jobs: TuneJob[],
   opts: TuneOptions & { onResult?: (r: TuneResult, i: number, n: number) => void } = {},
 ): Promise<TuneResult[]> {
-  const out: TuneResult[] = [];
-  const weights = new WeightsMemo(gpu);
+  return tuneEach(jobs, (job, memo) => tuneJob(gpu, job, opts, memo), opts.onResult);
+}
+
+/**
+ * Runs `tune` on each job in turn with one {@link WeightsMemo} (released at the end), calling
+ * `onResult` after each (progress).
+ */
+export async function tuneEach<J, R>(
+  jobs: J[],
+  tune: (job: J, memo: WeightsMemo) => Promise<R>,
+  onResult?: (r: R, i: number, n: number) => void,
+): Promise<R[]> {
+  const out: R[] = [];
+  const memo = new WeightsMemo();
   try {
     for (const [i, job] of jobs.entries()) {
-      const r = await tuneJob(gpu, job, opts, weights);
+      const r = await tune(job, memo);
       out.push(r);
-      opts.onResult?.(r, i + 1, jobs.length);
+      onResult?.(r, i + 1, jobs.length);
     }
   } finally {
-    weights.release();
+    memo.release();
   }
   return out;
 }
@@ -270,12 +288,18 @@ export async function tuneJob(
   const key = normalizeKey(job.key);
   const e = benchEpilogue(key, job.epilogue);
   const shapes = candidates(gpu, key, job.default, opts.space);
-  const own = memo ?? new WeightsMemo(gpu);
+  const own = memo ?? new WeightsMemo();
   const variants: VariantResult[] = [];
   try {
-    const bench = new Bench(gpu, key, e, own.get(key), opts.prefillTokens);
+    const tokens = key.family === "matvec_q" || key.tokens > 0
+      ? key.tokens
+      : opts.prefillTokens ?? (gpu.isCpu ? 16 : 128);
+    const w = own.get(qWeightsName(key), () => qWeights(gpu, key));
+    const bench = new MatrixBench(gpu, { rows: key.rows, K: key.K, tokens, norm: key.norm }, e, w);
     try {
-      for (const [i, shape] of shapes.entries()) variants.push(await bench.run(shape, i, opts));
+      for (const [i, shape] of shapes.entries()) {
+        variants.push(await bench.run(shape, i, opts, () => buildQ(bench, key, shape, i, opts)));
+      }
     } finally {
       bench.release();
     }
@@ -311,10 +335,14 @@ export function tuneResult<K, S extends KernelShape>(
 }
 
 /**
- * The epilogue the tuner runs for a key: the job's, with "store" at offset 0 over the key's own
- * rows and qkv's KV cache in storage buffers (the shape's cost is the weights' reads).
+ * The epilogue the tuner runs for a key (a quantized or a dense kernel's): the job's, with
+ * "store" at offset 0 over the key's own rows and qkv's KV cache in f32 storage buffers (the
+ * shape's cost is the weights' reads).
  */
-function benchEpilogue(key: TuneKey, e: Epilogue): Epilogue {
+export function benchEpilogue(
+  key: { epilogue: Epilogue["kind"]; rows: number },
+  e: Epilogue,
+): Epilogue {
   if (e.kind !== key.epilogue) {
     throw new ParameterError(`tuner: epilogue ${e.kind} does not match the key's ${key.epilogue}`);
   }
@@ -345,44 +373,63 @@ function randomQl(N: number, K: number, bits: 2 | 3 | 4, G: number, seed: number
   return { N, K, bits, groupSize: G, q, scale, zero };
 }
 
-/** Random packed weights on the GPU, kept for consecutive keys over the same matrix. */
-interface QWeightsData {
-  name: string;
-  ql: QuantizedLinear;
-  qweight: GPUBuffer | GPUTexture;
-  sz: GPUBuffer | GPUTexture;
+/**
+ * What a {@link MatrixBench} needs of its weights: their GPU resources by binding name (qweight
+ * and sz; w), row n in float64 as the kernels read it (the reference multiplies by it), and how
+ * far a dot product may stray, relative to |row|·|x|.
+ */
+export interface BenchWeights {
+  bufs: Record<string, GPUBuffer | GPUTexture>;
+  row: (n: number) => Float64Array;
+  /** Default 1e-3 (the quantized kernels dequantize in f32). */
+  relTol?: number;
 }
 
-class WeightsMemo {
-  #last: QWeightsData | null = null;
-  constructor(readonly gpu: Gpu) {}
+/** The memo name of a quantized key's weights: consecutive keys over it share them. */
+function qWeightsName(key: TuneKey): string {
+  return `${key.bits}:${key.groupSize}:${key.rows}x${key.K}:${key.weights}`;
+}
 
-  get(key: TuneKey): QWeightsData {
-    const name = `${key.bits}:${key.groupSize}:${key.rows}x${key.K}:${key.weights}`;
-    if (this.#last?.name === name) return this.#last;
+/** Random packed weights on the GPU in the key's layout; rows dequantized in float64. */
+function qWeights(gpu: Gpu, key: TuneKey): BenchWeights {
+  const ql = randomQl(key.rows, key.K, key.bits, key.groupSize, key.rows * 7919 + key.K);
+  const packed = packQ(ql);
+  const q = { bits: key.bits, K: key.K, groupSize: key.groupSize };
+  const tex = key.weights === "texture" ? createQTextures(gpu, packed, q, "tune") : null;
+  return {
+    bufs: {
+      qweight: tex ? tex.qweight : gpu.upload("tune.qweight", packed.qweight),
+      sz: tex ? tex.sz : gpu.upload("tune.sz", packed.sz),
+    },
+    row: (n) => dequantRow(ql, n),
+  };
+}
+
+/**
+ * The weights last asked for, by name, kept while consecutive jobs ask for the same matrix (they
+ * are drawn and uploaded once); {@link release} destroys their GPU resources.
+ */
+export class WeightsMemo {
+  #name = "";
+  #last: BenchWeights | null = null;
+
+  get(name: string, make: () => BenchWeights): BenchWeights {
+    if (this.#last && this.#name === name) return this.#last;
     this.release();
-    const ql = randomQl(key.rows, key.K, key.bits, key.groupSize, key.rows * 7919 + key.K);
-    const packed = packQ(ql);
-    const q = { bits: key.bits, K: key.K, groupSize: key.groupSize };
-    const tex = key.weights === "texture" ? createQTextures(this.gpu, packed, q, "tune") : null;
-    this.#last = {
-      name,
-      ql,
-      qweight: tex ? tex.qweight : this.gpu.upload("tune.qweight", packed.qweight),
-      sz: tex ? tex.sz : this.gpu.upload("tune.sz", packed.sz),
-    };
+    this.#last = make();
+    this.#name = name;
     return this.#last;
   }
 
   release(): void {
     if (!this.#last) return;
-    this.#last.qweight.destroy();
-    this.#last.sz.destroy();
+    for (const b of Object.values(this.#last.bufs)) b.destroy();
     this.#last = null;
   }
 }
 
 const SENTINEL = -12345;
+/** The fused norm's epsilon in the bench's kernels and reference. */
 const EPS = 1e-5;
 /** Keys with more multiply-adds than this check a part of their outputs, not all of them. */
 export const FULL_CHECK_MACS = 1 << 26;
@@ -404,13 +451,25 @@ export interface Expect {
   tol: number;
 }
 
+/** The matrix a {@link MatrixBench} multiplies: its rows, K, the step's tokens, a fused norm. */
+export interface BenchShape {
+  rows: number;
+  K: number;
+  tokens: number;
+  norm: boolean;
+}
+
 /**
- * A key's inputs, outputs and reference, shared by its variants: x (tokens, K), g, the
- * epilogue's buffers, and the expected value of every checked output (all units, or windows of
- * units at the start, middle and end of large matrices).
+ * A key's inputs, outputs and reference, shared by its variants, for any weights
+ * ({@link BenchWeights}: the quantized kernels' packed ones, the dense kernels' f32/f16): x
+ * (tokens, K), g, the step uniform, the epilogue's buffers, and the expected value of every
+ * checked output (all units, or windows of units at the start, middle and end of large
+ * matrices). Each family builds its variants over {@link bufs} ({@link bindGroup}).
  */
-class Bench {
+export class MatrixBench {
   readonly T: number;
+  /** The fused norm the variants must apply (the reference's), or null. */
+  readonly norm: { eps: number } | null;
   readonly bufs: Record<string, GPUBuffer | GPUTexture> = {};
   readonly outs: { name: string; buf: GPUBuffer; init: Float32Array }[] = [];
   readonly expect: Expect[] = [];
@@ -418,24 +477,20 @@ class Bench {
 
   constructor(
     readonly gpu: Gpu,
-    readonly key: TuneKey,
+    shape: BenchShape,
     readonly e: Epilogue,
-    readonly w: QWeightsData,
-    prefillTokens?: number,
+    w: BenchWeights,
   ) {
-    const { rows: N, K } = key;
-    const T = key.family === "matvec_q" || key.tokens > 0
-      ? key.tokens
-      : prefillTokens ?? (gpu.isCpu ? 16 : 128);
+    const { rows: N, K, tokens: T } = shape;
     this.T = T;
+    this.norm = shape.norm ? { eps: EPS } : null;
     const seed = N * 31 + K * 7 + T;
     const x = randArray(T * K, seed + 1, -1, 1);
     const g = randArray(K, seed + 2, 0.5, 1.5);
     const uni = GPUBufferUsage.UNIFORM;
     this.bufs.x = this.#own(gpu.upload("tune.x", x, uni));
     this.bufs.g = this.#own(gpu.upload("tune.g", g, uni));
-    this.bufs.qweight = w.qweight;
-    this.bufs.sz = w.sz;
+    Object.assign(this.bufs, w.bufs);
     const step = gpu.buffer("tune.step", STEP_BYTES, uni | GPUBufferUsage.COPY_DST);
     gpu.device.queue.writeBuffer(
       step,
@@ -448,7 +503,7 @@ class Bench {
     const xin: Float64Array[] = [], xnorm: number[] = [];
     for (let t = 0; t < T; t++) {
       const v = Float64Array.from(x.subarray(t * K, (t + 1) * K));
-      if (key.norm) {
+      if (shape.norm) {
         let ss = 0;
         for (const a of v) ss += a * a;
         const inv = 1 / Math.sqrt(ss / K + EPS);
@@ -464,7 +519,7 @@ class Bench {
     const rowSet = [...new Set(checked.flatMap((u) => rowsOf(u)))].sort((a, b) => a - b);
     const dots = new Map<number, { d: Float64Array; norm: number }>();
     for (const n of rowSet) {
-      const row = dequantRow(w.ql, n);
+      const row = w.row(n);
       let ss = 0;
       for (const a of row) ss += a * a;
       const d = new Float64Array(T);
@@ -476,7 +531,8 @@ class Bench {
       }
       dots.set(n, { d, norm: Math.sqrt(ss) });
     }
-    const tol = (n: number, t: number) => 1e-3 * dots.get(n)!.norm * xnorm[t];
+    const relTol = w.relTol ?? 1e-3;
+    const tol = (n: number, t: number) => relTol * dots.get(n)!.norm * xnorm[t];
     const dot = (n: number, t: number) => dots.get(n)!.d[t];
     const out = (name: string, init: Float32Array) => {
       const buf = this.#own(
@@ -570,68 +626,28 @@ class Bench {
     return [...set].sort((a, b) => a - b);
   }
 
-  /** The variant of a shape, its pipeline (inside error scopes), bindings and grid. */
-  #build(shape: TunedShape, i: number, opts: TuneOptions): Built {
-    const { key, e, gpu } = this;
-    const common = {
-      bits: key.bits,
-      groupSize: key.groupSize,
-      rows: key.rows,
-      K: key.K,
-      epilogue: e,
-      weights: key.weights,
-      xUniform: key.xUniform,
-    };
-    let names: string[], grid: number[], cacheKey: string, wgsl: () => string;
-    let compile: () => GPUComputePipeline;
-    if (key.family === "matvec_q") {
-      const v: MatvecQVariant = {
-        ...common,
-        norm: key.norm ? { eps: EPS } : null,
-        batch: key.tokens,
-        tpr: shape.tpr,
-        upw: shape.upw,
-        upt: shape.upt,
-      };
-      names = matvecQBindings(v);
-      grid = matvecQGrid(v);
-      cacheKey = matvecQKey(v);
-      wgsl = () => matvecQWgsl(v);
-      compile = () => matvecQPipeline(gpu, v);
-    } else {
-      const v: MatmulQVariant = { ...common, norm: key.norm ? { eps: EPS } : null, ...shape };
-      names = matmulQBindings(v);
-      grid = matmulQGrid(v, this.T);
-      cacheKey = matmulQKey(v);
-      wgsl = () => matmulQWgsl(v);
-      compile = () => matmulQPipeline(gpu, v);
-    }
-    const t = opts.transformWgsl;
-    const pipeline = t
-      ? transformedPipeline(gpu, `${cacheKey}~tuner${i}`, t(wgsl(), shape, i))
-      : compile();
-    const bindGroup = gpu.device.createBindGroup({
-      layout: pipeline.getBindGroupLayout(0),
-      entries: names.map((n, binding) => {
+  /** A bind group of the bench's buffers and textures named `names`, in binding order. */
+  bindGroup(pipeline: GPUComputePipeline, names: string[]): GPUBindGroup {
+    return this.gpu.bindGroup(
+      pipeline,
+      names.map((n) => {
         const r = this.bufs[n];
         if (!r) throw new ParameterError(`tuner: no buffer for binding ${n}`);
-        return { binding, resource: r instanceof GPUBuffer ? { buffer: r } : r.createView() };
+        return r;
       }),
-    });
-    return { pipeline, bindGroup, grid };
+      "tune",
+    );
   }
 
-  /** Checks one variant against the reference and, if it is correct, times it. */
-  async run(shape: TunedShape, i: number, opts: TuneOptions): Promise<VariantResult> {
+  /** Checks one variant (`build` makes it) against the reference and, if correct, times it. */
+  async run(
+    shape: TunedShape,
+    i: number,
+    opts: VariantOptions<TunedShape>,
+    build: () => Built,
+  ): Promise<VariantResult> {
     for (const o of this.outs) this.gpu.write(o.buf, 0, o.init);
-    return await runVariant(
-      this.gpu,
-      shape,
-      i,
-      opts,
-      () => this.#build(shape, i, opts),
-      () => this.#compare(),
-    );
+    return await runVariant(this.gpu, shape, i, opts, build, () => this.#compare());
   }
 
   /** The first output that differs from the reference beyond its tolerance, or null. */
@@ -645,6 +661,69 @@ class Bench {
     for (const b of this.#owned) b.destroy();
     this.#owned = [];
   }
+}
+
+/**
+ * The pipeline of a variant: `compile()` (the pipeline cache), or with the test hook
+ * (`opts.transformWgsl`) the rewritten `wgsl()` compiled under `${cacheKey}~tuner${i}`.
+ */
+export function variantPipeline<S>(
+  gpu: Gpu,
+  cacheKey: string,
+  wgsl: () => string,
+  compile: () => GPUComputePipeline,
+  shape: S,
+  i: number,
+  opts: VariantOptions<S>,
+): GPUComputePipeline {
+  const t = opts.transformWgsl;
+  return t ? transformedPipeline(gpu, `${cacheKey}~tuner${i}`, t(wgsl(), shape, i)) : compile();
+}
+
+/** A quantized kernel's variant of a shape: its pipeline, bindings and grid. */
+function buildQ(
+  bench: MatrixBench,
+  key: TuneKey,
+  shape: TunedShape,
+  i: number,
+  opts: TuneOptions,
+): Built {
+  const { e, gpu, norm } = bench;
+  const common = {
+    bits: key.bits,
+    groupSize: key.groupSize,
+    rows: key.rows,
+    K: key.K,
+    epilogue: e,
+    weights: key.weights,
+    xUniform: key.xUniform,
+  };
+  let names: string[], grid: number[], cacheKey: string, wgsl: () => string;
+  let compile: () => GPUComputePipeline;
+  if (key.family === "matvec_q") {
+    const v: MatvecQVariant = {
+      ...common,
+      norm,
+      batch: key.tokens,
+      tpr: shape.tpr,
+      upw: shape.upw,
+      upt: shape.upt,
+    };
+    names = matvecQBindings(v);
+    grid = matvecQGrid(v);
+    cacheKey = matvecQKey(v);
+    wgsl = () => matvecQWgsl(v);
+    compile = () => matvecQPipeline(gpu, v);
+  } else {
+    const v: MatmulQVariant = { ...common, norm, ...shape };
+    names = matmulQBindings(v);
+    grid = matmulQGrid(v, bench.T);
+    cacheKey = matmulQKey(v);
+    wgsl = () => matmulQWgsl(v);
+    compile = () => matmulQPipeline(gpu, v);
+  }
+  const pipeline = variantPipeline(gpu, cacheKey, wgsl, compile, shape, i, opts);
+  return { pipeline, bindGroup: bench.bindGroup(pipeline, names), grid };
 }
 
 /**

@@ -1,11 +1,13 @@
 /**
- * `deno task tune`: tunes the quantized kernels and the attention kernel of a model (or of
- * synthetic model shapes) on this machine's adapter (kernels/tuner.ts, kernels/tune_attention.ts):
- * every distinct quantized kernel the forward plans run at batch 1, at the batched decode row
- * counts and in prefill, and attention in decode and prefill for the KV cache the runtime uses
- * (`--kv-cache`); progress on stderr, a table of the heuristic shape's time against the tuned
- * one's on stdout, the choices into the tune cache (kernels/tune_cache.ts), which every later run
- * on this adapter reads.
+ * `deno task tune`: tunes the quantized kernels, the dense (f32/f16) ones and the attention kernel
+ * of a model (or of synthetic model shapes) on this machine's adapter (kernels/tuner.ts,
+ * kernels/tune_dense.ts, kernels/tune_attention.ts): every distinct quantized kernel the forward
+ * plans run at batch 1, at the batched decode row counts and in prefill, every dense matrix's
+ * decode kernel and, on GPUs, its batched decode steps' lane kernel (a dense model's layers, the
+ * fp16 logits layer of a quantized one and of the synthetic shapes), and attention in decode and
+ * prefill for the KV cache the runtime uses (`--kv-cache`); progress on stderr, a table of the
+ * heuristic shape's time against the tuned one's on stdout, the choices into the tune cache
+ * (kernels/tune_cache.ts), which every later run on this adapter reads.
  *
  * @example
  *   deno task tune --model model.lowbit
@@ -21,10 +23,17 @@ import { qGroup } from "../../kernels/matvec_q.ts";
 import { gpuAdapterId, tuneCachePath } from "../../kernels/tune_cache.ts";
 import { describeKernelShape } from "../../kernels/attention_key.ts";
 import type { AnyTuneResult } from "../../kernels/tuner.ts";
-import { weightSource } from "../model/gpu_weights.ts";
+import {
+  autoDType,
+  denseChunks,
+  denseFormat,
+  type WeightDType,
+  weightSource,
+} from "../model/gpu_weights.ts";
 import { llama2_7bConfig, llama32_1bLikeConfig } from "../checkpoint/shapes.ts";
 import {
   attentionPlan,
+  densePlan,
   type MatrixShape,
   type PlanJob,
   type PlanWeights,
@@ -83,7 +92,10 @@ function syntheticModel(name: string): ModelConfig {
   return { ...s, nLayers: 1, seqLen: 2048, tiedEmbeddings: false };
 }
 
-/** Every matrix of one layer (and the logits) packed at `bits`, `group`. */
+/**
+ * Every matrix of one layer packed at `bits`, `group`; the logits layer too with `head`, else
+ * fp16 as quantize leaves it (in the runtime's f16 format and row chunks).
+ */
 function syntheticWeights(
   gpu: Gpu,
   c: ModelConfig,
@@ -107,15 +119,34 @@ function syntheticWeights(
       w13: q(2 * c.hiddenDim, c.dim),
       w2: q(c.dim, c.hiddenDim),
     }],
-    lmHead: head
-      ? q(c.vocabSize, c.dim)
-      : { format: "f16", K: c.dim, weights: weightSource(gpu), chunks: [] },
+    lmHead: head ? q(c.vocabSize, c.dim) : denseShape(gpu, "lm_head", c.vocabSize, c.dim, "f16"),
   };
 }
 
-/** The matrices of a checkpoint as the loader stacks them (gpu_weights.ts uploadWeights). */
+/** A dense matrix as the loader uploads it: the adapter's format of `dtype`, its row chunks. */
+function denseShape(
+  gpu: Gpu,
+  label: string,
+  rows: number,
+  K: number,
+  dtype: WeightDType,
+): MatrixShape {
+  const format = denseFormat(gpu, dtype);
+  return {
+    format,
+    K,
+    weights: weightSource(gpu),
+    chunks: denseChunks(gpu, label, rows, K, format),
+  };
+}
+
+/**
+ * The matrices of a checkpoint as the loader stacks them (gpu_weights.ts uploadWeights), dense
+ * ones in the format `--dtype auto` gives them.
+ */
 function checkpointWeights(gpu: Gpu, ckpt: Checkpoint): PlanWeights {
   const c = ckpt.config;
+  const dtype = autoDType(ckpt);
   const m = (names: string[]): MatrixShape => {
     const infos = names.map((n) => ckpt.tensors.get(n));
     const first = infos[0];
@@ -123,8 +154,9 @@ function checkpointWeights(gpu: Gpu, ckpt: Checkpoint): PlanWeights {
       return { format: "missing", K: 0, weights: weightSource(gpu), chunks: [] };
     }
     const rows = infos.reduce((a, t) => a + t!.shape[0], 0);
+    if (first.dtype !== "Q") return denseShape(gpu, names[0], rows, first.shape[1], dtype);
     return {
-      format: first.dtype === "Q" ? "q" : "dense",
+      format: "q",
       bits: first.quant?.bits,
       groupSize: first.quant?.groupSize,
       K: first.shape[1],
@@ -224,14 +256,16 @@ async function main(args: string[]): Promise<void> {
       const w = syntheticWeights(gpu, config, bits as Bits, group, a.head!);
       jobs.push(...tunePlan(gpu, config, w, plan));
     }
+    // the dense logits layer is the same at every bit width
+    const w = syntheticWeights(gpu, config, bitsList[0] as Bits, group, a.head!);
+    jobs.push(...densePlan(gpu, config, w, plan));
     jobs.push(...attentionPlan(gpu, config, plan));
   } else {
     const ckpt = await openCheckpoint(a.model!);
     try {
-      jobs.push(...tunePlan(gpu, ckpt.config, checkpointWeights(gpu, ckpt), plan));
-      if (jobs.length === 0) {
-        console.error(`${a.model} has no packed low-bit layers: only attention is tuned`);
-      }
+      const w = checkpointWeights(gpu, ckpt);
+      jobs.push(...tunePlan(gpu, ckpt.config, w, plan));
+      jobs.push(...densePlan(gpu, ckpt.config, w, plan));
       jobs.push(...attentionPlan(gpu, ckpt.config, plan));
     } finally {
       ckpt.close();

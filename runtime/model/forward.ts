@@ -10,11 +10,10 @@ import { align, type Bindable, type Gpu } from "../../kernels/gpu.ts";
 import { embedGrid, embedPipeline } from "../../kernels/embed.ts";
 import { rmsnormGrid, rmsnormPipeline } from "../../kernels/rmsnorm.ts";
 import { type Epilogue, unitCount } from "../../kernels/epilogue.ts";
-import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../../kernels/matvec.ts";
+import { matvecBindings, matvecGrid, matvecPipeline, spreadShape } from "../../kernels/matvec.ts";
 import {
   matmulBindings,
   matmulGrid,
-  matmulLaneShape,
   matmulPipeline,
   matmulShape,
   type MatmulVariant,
@@ -35,6 +34,7 @@ import {
 import { attentionGrid, attentionPipeline } from "../../kernels/attention.ts";
 import { attentionKernelShape, type AttentionKey } from "../../kernels/attention_key.ts";
 import { type TunedShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
+import { denseKernelShape } from "../../kernels/dense_key.ts";
 import { type SampleOptions, sampleOptions, samplePipeline } from "../../kernels/sample.ts";
 import { adjustPipeline, historyPipeline } from "../../kernels/penalties.ts";
 
@@ -66,22 +66,6 @@ function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
 }
 
 /**
- * A CPU shape with `upt` units per thread and 8 threads per workgroup, its units per thread halved
- * while it would leave fewer than 4 workgroups, so that small matrices still spread over the
- * cores (on lavapipe a workgroup runs on one thread). Other shapes are returned as they are.
- */
-function spread<S extends { tpr: number; upw: number; upt?: number }>(
-  shape: S,
-  units: number,
-  gpu: Gpu,
-): S {
-  if (!gpu.isCpu || shape.tpr !== 1 || !shape.upt || shape.upw !== 8 * shape.upt) return shape;
-  let upt = shape.upt;
-  while (upt > 1 && Math.ceil(units / (8 * upt)) < 4) upt = Math.ceil(upt / 2);
-  return { ...shape, upt, upw: 8 * upt };
-}
-
-/**
  * The thread shape of a quantized matrix kernel: the tuner's choice for this adapter and key
  * (`gpu.tuned`, kernels/tuner.ts), used as it is, else the heuristic: matvecQShape spread over
  * the cores, or matmulQShape. `tuned` false gives the heuristic (the tuner's baseline).
@@ -90,7 +74,7 @@ export function qKernelShape(gpu: Gpu, key: TuneKey, e: Epilogue, tuned = true):
   const t = tuned ? gpu.tuned.get(tuneKeyString(key)) : undefined;
   if (t) return t;
   if (key.family === "matvec_q") {
-    return spread(matvecQShape(gpu, key.K, key.tokens, e), unitCount(e, key.rows), gpu);
+    return spreadShape(matvecQShape(gpu, key.K, key.tokens, e), unitCount(e, key.rows), gpu);
   }
   return matmulQShape(gpu, e, key.tokens || undefined, key.norm);
 }
@@ -188,7 +172,17 @@ export class Builder {
         epilogue: e,
         weights: W.weights,
         xUniform,
-        ...spread(matvecShape(this.gpu, W.K, W.weights, e), unitCount(e, c.rows), this.gpu),
+        ...denseKernelShape(this.gpu, {
+          family: "matvec",
+          format: W.format,
+          rows: c.rows,
+          K: W.K,
+          tokens: 1,
+          epilogue: e.kind,
+          norm: norm !== null,
+          weights: W.weights,
+          xUniform,
+        }),
       };
       const pipeline = matvecPipeline(this.gpu, v);
       const bufs2 = { ...bufs, ...xb, w: c.data };
@@ -270,7 +264,19 @@ export class Builder {
         epilogue: e,
         weights: W.weights,
         xUniform: x !== null,
-        ...(W.weights === "texture" ? matmulShape(e, tt) : tt ? matmulLaneShape(tt) : {}),
+        ...(W.weights === "texture" ? matmulShape(e, tt) : tt
+          ? denseKernelShape(this.gpu, {
+            family: "matmul_lane",
+            format: W.format,
+            rows: c.rows,
+            K: W.K,
+            tokens: tt,
+            epilogue: e.kind,
+            norm: false,
+            weights: W.weights,
+            xUniform: false,
+          })
+          : {}),
       };
       const pipeline = matmulPipeline(this.gpu, v);
       const bindGroup = this.bind(

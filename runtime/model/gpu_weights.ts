@@ -248,9 +248,50 @@ class Uploader {
   }
 }
 
+/** The dense format of `dtype` on this adapter: f32, or f16 (native with shader-f16, else f16p). */
+export function denseFormat(gpu: Gpu, dtype: WeightDType): DenseFormat {
+  return dtype === "f32" ? "f32" : gpu.shaderF16 ? "f16" : "f16p";
+}
+
+/** The weight dtype `--dtype auto` picks: the checkpoint's (its first tensor's), f32 or f16. */
+export function autoDType(ckpt: Checkpoint): WeightDType {
+  const t = ckpt.tensors.values().next().value;
+  return t?.dtype === "F32" ? "f32" : "f16";
+}
+
 /**
- * A dense (rows, K) matrix in row chunks that each fit one binding (buffers) or one texture;
- * contents unset. `weights` defaults to the adapter's choice ({@link weightSource}).
+ * The row chunks {@link allocDense} splits a dense (rows, K) matrix into: as many rows as fit one
+ * binding (buffers) or one texture.
+ */
+export function denseChunks(
+  gpu: Gpu,
+  label: string,
+  rows: number,
+  K: number,
+  format: DenseFormat,
+  weights: WeightSource = weightSource(gpu),
+): { rowStart: number; rows: number }[] {
+  if (K % 4 !== 0) throw new ShapeError(`${label}: inner dimension ${K} is not a multiple of 4`);
+  const tex = weights === "texture";
+  const maxRows = tex
+    ? denseTexMaxRows(K, format, gpu.device.limits.maxTextureDimension2D)
+    : Math.floor(gpu.maxBinding / (K * bytesPer(format)));
+  if (maxRows < 1) {
+    throw new GpuError(
+      `${label}: one row exceeds the adapter's ${tex ? "texture" : "binding"} limit`,
+    );
+  }
+  const out: { rowStart: number; rows: number }[] = [];
+  for (let r = 0; r < rows; r += maxRows) {
+    out.push({ rowStart: r, rows: Math.min(maxRows, rows - r) });
+  }
+  return out;
+}
+
+/**
+ * A dense (rows, K) matrix in row chunks that each fit one binding (buffers) or one texture
+ * ({@link denseChunks}); contents unset. `weights` defaults to the adapter's choice
+ * ({@link weightSource}).
  */
 export function allocDense(
   gpu: Gpu,
@@ -260,32 +301,17 @@ export function allocDense(
   format: DenseFormat,
   weights: WeightSource = weightSource(gpu),
 ): DenseMatrix {
-  if (K % 4 !== 0) throw new ShapeError(`${label}: inner dimension ${K} is not a multiple of 4`);
-  const chunks: DenseMatrix["chunks"] = [];
-  if (weights === "texture") {
-    const maxDim = gpu.device.limits.maxTextureDimension2D;
-    const maxRows = denseTexMaxRows(K, format, maxDim);
-    if (maxRows < 1) throw new GpuError(`${label}: one row exceeds the adapter's texture limit`);
-    for (let r = 0; r < rows; r += maxRows) {
-      const n = Math.min(maxRows, rows - r);
-      const texture = gpu.device.createTexture({
+  const data = (r: number, n: number): GPUBuffer | GPUTexture =>
+    weights === "texture"
+      ? gpu.device.createTexture({
         label: `${label}[${r}]`,
         size: texSize(n * denseRowTexels(K, format), DENSE_TEX_WIDTH),
         format: denseTextureFormat(format),
         usage: GPUTextureUsage.TEXTURE_BINDING | GPUTextureUsage.COPY_DST,
-      });
-      chunks.push({ rowStart: r, rows: n, data: texture });
-    }
-    return { format, weights, rows, K, chunks };
-  }
-  const rowBytes = K * bytesPer(format);
-  const maxRows = Math.floor(gpu.maxBinding / rowBytes);
-  if (maxRows < 1) throw new GpuError(`${label}: one row exceeds the adapter's binding limit`);
-  for (let r = 0; r < rows; r += maxRows) {
-    const n = Math.min(maxRows, rows - r);
-    const buffer = gpu.buffer(`${label}[${r}]`, n * rowBytes, STORAGE | GPUBufferUsage.COPY_DST);
-    chunks.push({ rowStart: r, rows: n, data: buffer });
-  }
+      })
+      : gpu.buffer(`${label}[${r}]`, n * K * bytesPer(format), STORAGE | GPUBufferUsage.COPY_DST);
+  const chunks = denseChunks(gpu, label, rows, K, format, weights)
+    .map((c) => ({ ...c, data: data(c.rowStart, c.rows) }));
   return { format, weights, rows, K, chunks };
 }
 
@@ -335,7 +361,7 @@ export async function uploadWeights(
   onProgress: (bytes: number, total: number) => void = () => {},
 ): Promise<GpuWeights> {
   const c: ModelConfig = ckpt.config;
-  const format: DenseFormat = dtype === "f32" ? "f32" : gpu.shaderF16 ? "f16" : "f16p";
+  const format = denseFormat(gpu, dtype);
   let total = 0;
   for (const t of ckpt.tensors.values()) {
     if (t.name === T.lmHead && c.tiedEmbeddings) continue;

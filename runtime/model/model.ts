@@ -11,7 +11,7 @@ import {
   type SamplingParams as HostSamplingParams,
   validateSamplingParams,
 } from "./sampling.ts";
-import { type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.ts";
+import { autoDType, type GpuWeights, uploadWeights, type WeightDType } from "./gpu_weights.ts";
 import { checkKvType, createRunState, type RunState } from "./run_state.ts";
 import {
   buildAllLogits,
@@ -93,10 +93,7 @@ export class GpuModel {
       throw new ParameterError(`maxT must be an integer in [1, ${MAX_ROWS}]; got ${maxT}`);
     }
     let dtype = opts.dtype ?? "auto";
-    if (dtype === "auto") {
-      const t = ckpt.tensors.values().next().value;
-      dtype = t?.dtype === "F32" ? "f32" : "f16";
-    }
+    if (dtype === "auto") dtype = autoDType(ckpt);
     const slots = opts.slots ?? 1;
     if (!Number.isInteger(slots) || slots < 1) {
       throw new ParameterError(`slots must be a positive integer; got ${slots}`);

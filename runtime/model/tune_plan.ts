@@ -1,15 +1,15 @@
 /**
  * Which quantized kernels a model's forward plan runs (as tuner keys, kernels/tune_key.ts), which
- * attention kernels (kernels/attention_key.ts), and the first-run hook: when a model loads on a
- * GPU whose tune cache has no entry for some of its kernels, {@link autoTune} tunes them there
- * (progress on stderr) and writes the cache, so later runs reuse the choices. CPU adapters
- * (lavapipe) only read the cache: their shader compiles take seconds each, so they are tuned on
- * request (`deno task tune`). `LOWBIT_TUNE=0` turns the first-run tuning off; a Gpu made by hand
- * (tests) has no cache and is never tuned.
+ * dense ones (kernels/dense_key.ts), which attention kernels (kernels/attention_key.ts), and the
+ * first-run hook: when a model loads on a GPU whose tune cache has no entry for some of its
+ * kernels, {@link autoTune} tunes them there (progress on stderr) and writes the cache, so later
+ * runs reuse the choices. CPU adapters (lavapipe) only read the cache: their shader compiles
+ * take seconds each, so they are tuned on request (`deno task tune`). `LOWBIT_TUNE=0` turns the
+ * first-run tuning off; a Gpu made by hand (tests) has no cache and is never tuned.
  */
 import type { ModelConfig } from "../checkpoint/config.ts";
 import type { Bits } from "../format/qtensor.ts";
-import type { WeightSource } from "../../kernels/common.ts";
+import type { DenseFormat, WeightSource } from "../../kernels/common.ts";
 import type { Epilogue, KvSource, KvType } from "../../kernels/epilogue.ts";
 import { align, type Gpu } from "../../kernels/gpu.ts";
 import { bareShape, type TunedShape, type TuneKey, tuneKeyString } from "../../kernels/tune_key.ts";
@@ -29,6 +29,8 @@ import {
   tuneJobs,
   type TuneOptions,
 } from "../../kernels/tuner.ts";
+import { denseKernelShape, type DenseKey, denseKeyString } from "../../kernels/dense_key.ts";
+import { type DenseJob, type DenseTuneOptions, tuneDenseJobs } from "../../kernels/tune_dense.ts";
 import {
   type AttentionJob,
   type AttentionTuneOptions,
@@ -38,7 +40,10 @@ import { gpuAdapterId, saveTuned } from "../../kernels/tune_cache.ts";
 import { decodeRowPlans, qKernelShape, qkvEpilogue } from "./forward.ts";
 import { defaultKvType, kvSource } from "./run_state.ts";
 
-/** What the plan needs of a weight matrix: a Matrix (gpu_weights.ts) or its description. */
+/**
+ * What the plan needs of a weight matrix: a Matrix (gpu_weights.ts) or its description. `format`:
+ * "q" (packed), a DenseFormat ("f32", "f16", "f16p"), anything else is not tuned.
+ */
 export interface MatrixShape {
   format: string;
   bits?: Bits;
@@ -65,11 +70,19 @@ export interface TunePlanOptions {
   kv?: KvSource;
 }
 
-/** A tune job of either kind: a quantized matrix kernel's or the attention kernel's. */
-export type PlanJob = TuneJob | AttentionJob;
+/** A tune job of any kind: a quantized or a dense matrix kernel's, or the attention kernel's. */
+export type PlanJob = TuneJob | DenseJob | AttentionJob;
 
 function isAttentionJob(j: PlanJob): j is AttentionJob {
   return j.key.family === "attention";
+}
+
+function isDenseJob(j: PlanJob): j is DenseJob {
+  return j.key.family === "matvec" || j.key.family === "matmul_lane";
+}
+
+function isQJob(j: PlanJob): j is TuneJob {
+  return !isAttentionJob(j) && !isDenseJob(j);
 }
 
 /**
@@ -83,18 +96,10 @@ function uniformFits(gpu: Gpu, weights: WeightSource, bytes: number): boolean {
 }
 
 /**
- * Every distinct quantized kernel the forward plans run for `w`, as tune jobs with the
- * heuristic shape as default: the decode matrix-vector products (batch 1), the batched decode
- * steps of each row count and the prefill, the norms fused into qkv, gate/up and the logits; grouped by matrix, so that the tuner
- * draws each matrix's random weights once. Dense (f16/f32) matrices are not tuned.
+ * Every matrix of `w` with the epilogue the forward plans run it with and whether the decode
+ * kernel fuses the norm before it (qkv, gate/up, the logits).
  */
-export function tunePlan(
-  gpu: Gpu,
-  c: ModelConfig,
-  w: PlanWeights,
-  opts: TunePlanOptions = {},
-): TuneJob[] {
-  const rowsList = opts.batchRows ?? decodeRowPlans(gpu);
+function matrixUses(c: ModelConfig, w: PlanWeights): [MatrixShape, Epilogue, boolean][] {
   const qkv = qkvEpilogue(c);
   const add: Epilogue = { kind: "add" };
   const gateup: Epilogue = { kind: "gateup", hidden: c.hiddenDim };
@@ -103,7 +108,38 @@ export function tunePlan(
     uses.push([L.wqkv, qkv, true], [L.wo, add, false], [L.w13, gateup, true], [L.w2, add, false]);
   }
   uses.push([w.lmHead, { kind: "store", offset: 0, ld: c.vocabSize }, true]);
+  return uses;
+}
 
+/** `jobs` grouped by matrix (`mat`), in their order otherwise: each matrix's weights drawn once. */
+function byMatrix<J>(jobs: J[], mat: (j: J) => string): J[] {
+  const first = new Map<string, number>();
+  jobs.forEach((j, i) => first.has(mat(j)) || first.set(mat(j), i));
+  return jobs
+    .map((j, i) => ({ j, i }))
+    .sort((a, b) => first.get(mat(a.j))! - first.get(mat(b.j))! || a.i - b.i)
+    .map((x) => x.j);
+}
+
+/** The chunk's own epilogue: a "store" shifted to the chunk's rows. */
+function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
+  return e.kind === "store" ? { ...e, offset: rowStart } : e;
+}
+
+/**
+ * Every distinct quantized kernel the forward plans run for `w`, as tune jobs with the
+ * heuristic shape as default: the decode matrix-vector products (batch 1), the batched decode
+ * steps of each row count and the prefill, the norms fused into qkv, gate/up and the logits;
+ * grouped by matrix, so that the tuner draws each matrix's random weights once. The dense
+ * matrices' kernels are {@link densePlan}'s.
+ */
+export function tunePlan(
+  gpu: Gpu,
+  c: ModelConfig,
+  w: PlanWeights,
+  opts: TunePlanOptions = {},
+): TuneJob[] {
+  const rowsList = opts.batchRows ?? decodeRowPlans(gpu);
   const jobs = new Map<string, TuneJob>();
   const push = (key: TuneKey, e: Epilogue) => {
     const name = tuneKeyString(key);
@@ -111,10 +147,10 @@ export function tunePlan(
       jobs.set(name, { key, epilogue: e, default: qKernelShape(gpu, key, e, false) });
     }
   };
-  for (const [M, epi, norm] of uses) {
+  for (const [M, epi, norm] of matrixUses(c, w)) {
     if (M.format !== "q" || M.bits === undefined || M.groupSize === undefined) continue;
     for (const chunk of M.chunks) {
-      const e: Epilogue = epi.kind === "store" ? { ...epi, offset: chunk.rowStart } : epi;
+      const e = chunkEpilogue(epi, chunk.rowStart);
       const base = {
         bits: M.bits,
         groupSize: M.groupSize,
@@ -135,15 +171,56 @@ export function tunePlan(
     }
   }
   // by matrix (rows, K, format), then in the order above
-  const order = [...jobs.values()];
-  const mat = (j: TuneJob) =>
-    `${j.key.bits}:${j.key.groupSize}:${j.key.rows}x${j.key.K}:${j.key.weights}`;
-  const first = new Map<string, number>();
-  order.forEach((j, i) => first.has(mat(j)) || first.set(mat(j), i));
-  return order
-    .map((j, i) => ({ j, i }))
-    .sort((a, b) => first.get(mat(a.j))! - first.get(mat(b.j))! || a.i - b.i)
-    .map((x) => x.j);
+  return byMatrix(
+    [...jobs.values()],
+    (j) => `${j.key.bits}:${j.key.groupSize}:${j.key.rows}x${j.key.K}:${j.key.weights}`,
+  );
+}
+
+const DENSE_FORMATS: readonly string[] = ["f32", "f16", "f16p"] satisfies DenseFormat[];
+
+/**
+ * Every distinct dense (f32/f16) kernel the forward plans run for `w` that the tuner tunes, as
+ * tune jobs with the heuristic shape as default (denseKernelShape untuned): the decode
+ * matrix-vector product of every dense matrix (the norms fused into qkv, gate/up and the logits;
+ * x uniform where the Builder binds it so), and, for buffer weights (GPU adapters), the lane
+ * kernel of the batched decode steps of each row count (no fused norm: the step normalizes x in
+ * a dispatch of its own); grouped by matrix. The prefill kernels and the texture kernel of the
+ * batched steps are not tuned (kernels/dense_key.ts).
+ */
+export function densePlan(
+  gpu: Gpu,
+  c: ModelConfig,
+  w: PlanWeights,
+  opts: TunePlanOptions = {},
+): DenseJob[] {
+  const rowsList = opts.batchRows ?? decodeRowPlans(gpu);
+  const jobs = new Map<string, DenseJob>();
+  const push = (key: DenseKey, e: Epilogue) => {
+    const name = denseKeyString(key);
+    if (!jobs.has(name)) {
+      jobs.set(name, { key, epilogue: e, default: denseKernelShape(gpu, key, false) });
+    }
+  };
+  for (const [M, epi, norm] of matrixUses(c, w)) {
+    if (!DENSE_FORMATS.includes(M.format)) continue;
+    const format = M.format as DenseFormat;
+    for (const chunk of M.chunks) {
+      const e = chunkEpilogue(epi, chunk.rowStart);
+      const base = { format, rows: chunk.rows, K: M.K, epilogue: e.kind };
+      const xUniform = uniformFits(gpu, M.weights, M.K * 4);
+      push({ ...base, family: "matvec", tokens: 1, norm, weights: M.weights, xUniform }, e);
+      if (M.weights !== "buffer") continue;
+      for (const rows of rowsList) {
+        const lane = { family: "matmul_lane" as const, tokens: rows, norm: false, xUniform: false };
+        push({ ...base, ...lane, weights: "buffer" }, e);
+      }
+    }
+  }
+  return byMatrix(
+    [...jobs.values()],
+    (j) => `${j.key.format}:${j.key.rows}x${j.key.K}:${j.key.weights}`,
+  );
 }
 
 /**
@@ -177,20 +254,21 @@ export function attentionPlan(
 }
 
 /**
- * What {@link tuneAndSave} takes: the quantized kernels' options, the attention kernel's
- * (`attention`: its space and test hooks; repeats, dispatches and prefillTokens apply to both),
- * the cache to write, the progress sink.
+ * What {@link tuneAndSave} takes: the quantized kernels' options, the dense kernels' (`dense`)
+ * and the attention kernel's (`attention`: their spaces and test hooks; repeats, dispatches and
+ * prefillTokens apply to all), the cache to write, the progress sink.
  */
 export type TuneAndSaveOptions = TuneOptions & {
+  dense?: DenseTuneOptions;
   attention?: AttentionTuneOptions;
   path?: string;
   log?: (line: string) => void;
 };
 
 /**
- * Tunes `jobs` (the quantized kernels first, then attention), a progress line per job on
- * stderr, and files the choices in the Gpu's tune cache (or `path`) and in `gpu.tuned` /
- * `gpu.tunedAttention`. Returns the results, in that order.
+ * Tunes `jobs` (the quantized kernels first, then the dense ones, then attention), a progress
+ * line per job on stderr, and files the choices in the Gpu's tune cache (or `path`) and in
+ * `gpu.tuned` (matrix kernels) / `gpu.tunedAttention`. Returns the results, in that order.
  */
 export async function tuneAndSave(
   gpu: Gpu,
@@ -198,20 +276,26 @@ export async function tuneAndSave(
   opts: TuneAndSaveOptions = {},
 ): Promise<AnyTuneResult[]> {
   const log = opts.log ?? ((l: string) => console.error(l));
-  const matrix = jobs.filter((j) => !isAttentionJob(j)) as TuneJob[];
+  const matrix = jobs.filter(isQJob), dense = jobs.filter(isDenseJob);
   const n = jobs.length;
   const results: AnyTuneResult[] = await tuneJobs(gpu, matrix, {
     ...opts,
     onResult: (r, i) => log(describeResult(r, i, n)),
   });
   const { repeats, dispatches, prefillTokens } = opts;
+  const shared = { repeats, dispatches, prefillTokens };
+  results.push(
+    ...await tuneDenseJobs(gpu, dense, {
+      ...shared,
+      ...opts.dense,
+      onResult: (r, i) => log(describeResult(r, matrix.length + i, n)),
+    }),
+  );
   results.push(
     ...await tuneAttentionJobs(gpu, jobs.filter(isAttentionJob), {
-      repeats,
-      dispatches,
-      prefillTokens,
+      ...shared,
       ...opts.attention,
-      onResult: (r, i) => log(describeResult(r, matrix.length + i, n)),
+      onResult: (r, i) => log(describeResult(r, matrix.length + dense.length + i, n)),
     }),
   );
   const entries = tunedEntries(results);
@@ -245,6 +329,7 @@ export async function autoTune(
   if (gpu.isCpu || gpu.tuneCache === null || envTune() === "0") return [];
   const jobs: PlanJob[] = [
     ...tunePlan(gpu, c, w, opts).filter((j) => !gpu.tuned.has(tuneKeyString(j.key))),
+    ...densePlan(gpu, c, w, opts).filter((j) => !gpu.tuned.has(denseKeyString(j.key))),
     ...attentionPlan(gpu, c, opts).filter((j) =>
       !gpu.tunedAttention.has(attentionKeyString(j.key))
     ),
