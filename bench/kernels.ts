@@ -20,7 +20,7 @@
  */
 import { parseArgs } from "node:util";
 import { recordResults, table, today } from "./results.ts";
-import { packStep, STEP_BYTES } from "../kernels/common.ts";
+import { stepUniform } from "../kernels/common.ts";
 import { createGpu, type Gpu } from "../kernels/gpu.ts";
 import { matvecBindings, matvecGrid, matvecPipeline, matvecShape } from "../kernels/matvec.ts";
 import { matmulBindings, matmulGrid, matmulPipeline, matmulShape } from "../kernels/matmul.ts";
@@ -174,16 +174,7 @@ export async function benchKernels(args: string[]): Promise<void> {
           weights: dense.weights,
           ...(dense.weights === "texture" ? matmulShape(store) : {}),
         } as const;
-        const step = gpu.buffer(
-          "step",
-          STEP_BYTES,
-          GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
-        );
-        gpu.device.queue.writeBuffer(
-          step,
-          0,
-          packStep({ pos: 0, ntok: B, seed: 0, topK: 0, temperature: 0, topP: 1 }),
-        );
+        const step = stepUniform(gpu, "step", { pos: 0, ntok: B });
         const pipeline = matmulPipeline(gpu, v);
         const bufs: Record<string, GPUBuffer | GPUTexture> = { step, x, w, y };
         benches.push({

@@ -1,4 +1,5 @@
 /** WGSL pieces shared by several kernels: the per-step uniform and dense weight access. */
+import type { Gpu } from "./gpu.ts";
 
 /** Rows (tokens) a step may hold: the size of the Step uniform's per-row table. */
 export const MAX_ROWS = 256;
@@ -97,6 +98,24 @@ export function packStep(s: StepParams): ArrayBuffer {
     u[S + 4 * t + 2] = Math.max(0, p.topK);
     f[S + 4 * t + 3] = p.topP;
   }
+  return buf;
+}
+
+/**
+ * A step uniform holding `s` (greedy sampling fields), for kernels run outside a model's run
+ * state (tuner, benchmarks, tests).
+ */
+export function stepUniform(
+  gpu: Gpu,
+  label: string,
+  s: Pick<StepParams, "pos" | "ntok" | "rows">,
+): GPUBuffer {
+  const buf = gpu.buffer(label, STEP_BYTES, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
+  gpu.device.queue.writeBuffer(
+    buf,
+    0,
+    packStep({ seed: 0, topK: 0, temperature: 0, topP: 1, ...s }),
+  );
   return buf;
 }
 

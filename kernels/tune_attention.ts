@@ -27,7 +27,7 @@ import {
   attentionShapeProblem,
   describeAttentionShape,
 } from "./attention_key.ts";
-import { MAX_ROWS, packStep, STEP_BYTES, type StepRow } from "./common.ts";
+import { MAX_ROWS, type StepRow, stepUniform } from "./common.ts";
 import { kvCacheWords } from "./epilogue.ts";
 import { ParameterError } from "./errors.ts";
 import type { Bindable, Gpu } from "./gpu.ts";
@@ -229,25 +229,9 @@ class AttentionBench {
     };
     const kc = values(seed + 2), vc = values(seed + 3);
 
-    const step = gpu.buffer(
-      "tune.step",
-      STEP_BYTES,
-      GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+    this.bufs.step = this.#own(
+      stepUniform(gpu, "tune.step", { pos: this.rows[0].pos, ntok: T, rows: this.rows }),
     );
-    gpu.device.queue.writeBuffer(
-      step,
-      0,
-      packStep({
-        pos: this.rows[0].pos,
-        ntok: T,
-        seed: 0,
-        topK: 0,
-        temperature: 0,
-        topP: 1,
-        rows: this.rows,
-      }),
-    );
-    this.bufs.step = this.#own(step);
     const qbuf = this.#own(gpu.upload("tune.q", q, GPUBufferUsage.UNIFORM));
     this.bufs.q = key.qUniform ? { buffer: qbuf, size: qd * 4 } : qbuf;
     this.bufs.kcache = this.#cache("tune.kcache", kc);

@@ -23,7 +23,7 @@
 import type { Epilogue } from "./epilogue.ts";
 import { isPair, unitCount } from "./epilogue.ts";
 import type { Gpu } from "./gpu.ts";
-import { packStep, STEP_BYTES } from "./common.ts";
+import { stepUniform } from "./common.ts";
 import {
   createQTextures,
   matvecQBindings,
@@ -491,13 +491,7 @@ export class MatrixBench {
     this.bufs.x = this.#own(gpu.upload("tune.x", x, uni));
     this.bufs.g = this.#own(gpu.upload("tune.g", g, uni));
     Object.assign(this.bufs, w.bufs);
-    const step = gpu.buffer("tune.step", STEP_BYTES, uni | GPUBufferUsage.COPY_DST);
-    gpu.device.queue.writeBuffer(
-      step,
-      0,
-      packStep({ pos: 0, ntok: T, seed: 0, topK: 0, temperature: 0, topP: 1 }),
-    );
-    this.bufs.step = this.#own(step);
+    this.bufs.step = this.#own(stepUniform(gpu, "tune.step", { pos: 0, ntok: T }));
 
     // reference inputs per token (normalized when the kernel fuses the norm)
     const xin: Float64Array[] = [], xnorm: number[] = [];

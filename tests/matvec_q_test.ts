@@ -6,7 +6,7 @@
  * batches 1/3/8 and prefill token counts 1/5/13.
  */
 import assert from "node:assert/strict";
-import { packStep, STEP_BYTES } from "../kernels/common.ts";
+import { stepUniform } from "../kernels/common.ts";
 import type { Epilogue } from "../kernels/epilogue.ts";
 import type { Gpu } from "../kernels/gpu.ts";
 import {
@@ -151,10 +151,7 @@ async function check(c: Case): Promise<void> {
     bufs.qweight = gpu.upload("qweight", packed.qweight);
     bufs.sz = gpu.upload("sz", packed.sz);
   }
-  const stepBuf = gpu.buffer("step", STEP_BYTES, GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST);
-  const step = packStep({ pos, ntok: T, seed: 0, topK: 0, temperature: 0, topP: 1 });
-  gpu.device.queue.writeBuffer(stepBuf, 0, step);
-  bufs.step = stepBuf;
+  bufs.step = stepUniform(gpu, "step", { pos, ntok: T });
   const half = HD / 2, qd = NH * HD, kvd = NKV * HD;
   let bias: Float32Array | null = null;
   if (e.kind === "store") out("y", new Float32Array(T * e.ld).fill(SENTINEL));
