@@ -124,6 +124,12 @@ const SUITES: Suite[] = [
     calib: `${SHARED}data/novels/calib.txt`,
     calibArgs: ["--calib-samples", "128", "--calib-seqlen", "256"],
     settings: [[4, 128], [3, 64], [2, 64], [2, 32]],
+    mixed: {
+      budgets: [2.3, 2.5, 3.0, 3.5],
+      args: ["--method", "decoupleq", "--stage2"],
+      note: "decoupleQ stage 1+2 per layer. 2.25 bits is below what the candidates allow here " +
+        "(2.268, every linear at W2 g128), so the lowest budget is 2.3",
+    },
     e2e: {
       args: ["--e2e-epochs", "2", "--e2e-samples", "1024"],
       note: "2 epochs over 1024 calibration sequences (lines)",
