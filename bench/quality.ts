@@ -160,7 +160,16 @@ const SUITES: Suite[] = [
         "from it (68.188 against 68.189). decoupleQ then re-fits s and z for the transformed " +
         "weights, and its +0.07 is a change of the size that separates its stage 1 from stage " +
         "1+2 here (68.10 and 67.98): at 4 bits every method is within 0.3 of fp32 and such s " +
-        "have little to give",
+        "have little to give. At W3 g128 and W2 g64 the reference's training never improved " +
+        "TEQ's measured loss, so the rows there are ties, not gains: the KL on the 19 measured " +
+        "sequences was lowest at s = 1 at every 100-step check (W3 g128 1.493e-2 at s = 1, " +
+        "1.499e-2 to 1.737e-2 from step 100 to 1000; W2 g64 6.765e-2 at s = 1, 7.117e-2 to " +
+        "8.671e-2), so s = 1 was kept, the folded model is the original, and TEQ + RTN, TEQ + " +
+        "GPTQ and TEQ + decoupleQ equal the plain rows exactly. The reference's straight-through " +
+        "estimator passes the gradient through the whole fake quantizer, grid included, and s " +
+        "drifts; through the rounding only (`--teq-ste grid`, the TEQ (grid STE) rows) the same " +
+        "training did lower the loss, W3 g128 1.493e-2 → 1.316e-2 (step 100) and W2 g64 " +
+        "6.765e-2 → 6.166e-2 (step 300), and TEQ then beats RTN there",
     },
     gptqNote: "every row searches each group's clipping range against diag(H), as RTN does " +
       "(issue 17). Here that is slightly worse than min/max GPTQ at every setting: W4 g128 " +
