@@ -42,7 +42,7 @@ import { tunedEntries } from "../kernels/tuner.ts";
 import { Builder } from "../runtime/model/forward.ts";
 import { allocDense } from "../runtime/model/gpu_weights.ts";
 import { createRunState, type RunState } from "../runtime/model/run_state.ts";
-import { autoTune, densePlan, type PlanWeights } from "../runtime/model/tune_plan.ts";
+import { autoTune, densePlan, layerShapes, type PlanWeights } from "../runtime/model/tune_plan.ts";
 import { tinyConfig } from "./synthetic.ts";
 import { testGpu, testGpuLayout, withTempDir } from "./helpers.ts";
 
@@ -313,12 +313,7 @@ function denseWeights(format: DenseFormat, weights: "buffer" | "texture"): PlanW
     weights,
     chunks: [{ rowStart: 0, rows }],
   });
-  const layer = {
-    wqkv: m((c.nHeads + 2 * c.nKvHeads) * c.headDim, c.dim),
-    wo: m(c.dim, c.nHeads * c.headDim),
-    w13: m(2 * c.hiddenDim, c.dim),
-    w2: m(c.dim, c.hiddenDim),
-  };
+  const layer = layerShapes(c, m);
   return { layers: [layer, layer], lmHead: m(c.vocabSize, c.dim) };
 }
 

@@ -37,7 +37,7 @@ import {
   tuneKeyString,
 } from "../kernels/tune_key.ts";
 import { qKernelShape } from "../runtime/model/forward.ts";
-import { autoTune, tunePlan } from "../runtime/model/tune_plan.ts";
+import { autoTune, layerShapes, tunePlan } from "../runtime/model/tune_plan.ts";
 import { defaultKvType } from "../runtime/model/run_state.ts";
 import { tinyConfig } from "./synthetic.ts";
 import { testGpu, testGpuLayout, withTempDir } from "./helpers.ts";
@@ -420,12 +420,7 @@ Deno.test("tune plan: one job per distinct kernel of the forward plans, heuristi
       weights,
       chunks: [{ rowStart: 0, rows }],
     });
-    const layer = {
-      wqkv: q((c.nHeads + 2 * c.nKvHeads) * c.headDim, c.dim),
-      wo: q(c.dim, c.nHeads * c.headDim),
-      w13: q(2 * c.hiddenDim, c.dim),
-      w2: q(c.dim, c.hiddenDim),
-    };
+    const layer = layerShapes(c, q);
     const w = {
       layers: [layer, layer, layer],
       lmHead: { format: "f16", K: c.dim, weights, chunks: [] },

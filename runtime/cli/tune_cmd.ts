@@ -34,6 +34,7 @@ import { llama2_7bConfig, llama32_1bLikeConfig } from "../checkpoint/shapes.ts";
 import {
   attentionPlan,
   densePlan,
+  layerShapes,
   type MatrixShape,
   type PlanJob,
   type PlanWeights,
@@ -111,14 +112,8 @@ function syntheticWeights(
     weights: weightSource(gpu),
     chunks: [{ rowStart: 0, rows }],
   });
-  const qkvRows = (c.nHeads + 2 * c.nKvHeads) * c.headDim;
   return {
-    layers: [{
-      wqkv: q(qkvRows, c.dim),
-      wo: q(c.dim, c.nHeads * c.headDim),
-      w13: q(2 * c.hiddenDim, c.dim),
-      w2: q(c.dim, c.hiddenDim),
-    }],
+    layers: [layerShapes(c, q)],
     lmHead: head ? q(c.vocabSize, c.dim) : denseShape(gpu, "lm_head", c.vocabSize, c.dim, "f16"),
   };
 }

@@ -61,7 +61,7 @@ const DENSE_TT = 8;
 type Buffers = Record<string, Bindable>;
 
 /** A "store" epilogue shifted to a row chunk's place in the output. */
-function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
+export function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
   return e.kind === "store" ? { ...e, offset: e.offset + rowStart } : e;
 }
 

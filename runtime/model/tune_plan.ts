@@ -37,7 +37,7 @@ import {
   tuneAttentionJobs,
 } from "../../kernels/tune_attention.ts";
 import { gpuAdapterId, saveTuned } from "../../kernels/tune_cache.ts";
-import { decodeRowPlans, qKernelShape, qkvEpilogue } from "./forward.ts";
+import { chunkEpilogue, decodeRowPlans, qKernelShape, qkvEpilogue } from "./forward.ts";
 import { defaultKvType, kvSource } from "./run_state.ts";
 
 /**
@@ -57,6 +57,19 @@ export interface MatrixShape {
 export interface PlanWeights {
   layers: { wqkv: MatrixShape; wo: MatrixShape; w13: MatrixShape; w2: MatrixShape }[];
   lmHead: MatrixShape;
+}
+
+/** One layer's stacked matrices (q/k/v, o, gate/up, down) for `c`, each made by `m` from (rows, K). */
+export function layerShapes(
+  c: ModelConfig,
+  m: (rows: number, K: number) => MatrixShape,
+): PlanWeights["layers"][number] {
+  return {
+    wqkv: m((c.nHeads + 2 * c.nKvHeads) * c.headDim, c.dim),
+    wo: m(c.dim, c.nHeads * c.headDim),
+    w13: m(2 * c.hiddenDim, c.dim),
+    w2: m(c.dim, c.hiddenDim),
+  };
 }
 
 export interface TunePlanOptions {
@@ -119,11 +132,6 @@ function byMatrix<J>(jobs: J[], mat: (j: J) => string): J[] {
     .map((j, i) => ({ j, i }))
     .sort((a, b) => first.get(mat(a.j))! - first.get(mat(b.j))! || a.i - b.i)
     .map((x) => x.j);
-}
-
-/** The chunk's own epilogue: a "store" shifted to the chunk's rows. */
-function chunkEpilogue(e: Epilogue, rowStart: number): Epilogue {
-  return e.kind === "store" ? { ...e, offset: rowStart } : e;
 }
 
 /**
