@@ -61,7 +61,13 @@ interface Suite {
    * Mixed-precision rows (issue 17, `--budget B` picks one): bits budgets, the per-layer
    * quantizer's arguments, and how the table states them; one row per budget and allocator.
    */
-  mixed?: { budgets: number[]; args: string[]; note: string };
+  mixed?: {
+    budgets: number[];
+    args: string[];
+    note: string;
+    /** What the measurements say where CVXQ (measured) does not win. */
+    exceptions?: string;
+  };
   /** How the GPTQ rows compare with GPTQ before its clip search (issue 17). */
   gptqNote?: string;
   evals: Eval[];
@@ -247,6 +253,8 @@ interface Row {
   /** Mixed-precision rows: the file's bytes and the allocation in brief ("12× W3 g64, …"). */
   bytes?: number;
   allocation?: string;
+  /** A uniform row that is the quantization of the uniform row at this budget (sameUniform). */
+  sharedWith?: string;
 }
 
 async function run(args: string[]): Promise<string> {
@@ -342,30 +350,43 @@ function comparisons(s: Suite): { title: string; pairs: [string, string][]; note
   return out;
 }
 
-/** Each comparison of {@link comparisons} as lines: both figures, the change, and who wins. */
-function renderVersus(s: Suite, rows: Row[]): string {
+/** The mixed-precision comparisons: CVXQ against the others at each budget. */
+const MIXED_PAIRS: [string, string][] = [
+  ["CVXQ measured", "uniform"],
+  ["CVXQ measured", "MixQuant"],
+  ["CVXQ analytic", "CVXQ measured"],
+  ["CVXQ measured, G² proxy", "CVXQ measured"],
+];
+
+/**
+ * A comparison as text: for each pair and setting (or budget) with both rows, both in-domain
+ * figures, the change, and who wins; "" when no pair has both rows.
+ */
+function versus(s: Suite, rows: Row[], c: ReturnType<typeof comparisons>[number]): string {
   const find = (method: string, setting: string) =>
     rows.find((r) => r.suite === s.name && r.method === method && r.setting === setting);
-  let md = "";
-  for (const c of comparisons(s)) {
-    const lines = [];
-    for (const [method, base] of c.pairs) {
-      for (const r of rows.filter((r) => r.suite === s.name && r.method === method)) {
-        const b = find(base, r.setting);
-        if (!b) continue;
-        const d = r.ppl[0] - b.ppl[0];
-        const verdict = d < 0 ? "better" : d === 0 ? "equal" : "**worse**";
-        lines.push(
-          `- ${r.setting}, ${method}: ${r.ppl[0].toFixed(2)} against ${b.ppl[0].toFixed(2)} ` +
-            `(${d >= 0 ? "+" : ""}${d.toFixed(2)}, ${verdict})`,
-        );
-      }
-    }
-    if (lines.length) {
-      md += `\n${c.title}:\n\n${lines.join("\n")}\n${c.note ? `\n${c.note}\n` : ""}`;
+  const lines = [];
+  for (const [method, base] of c.pairs) {
+    const mine = rows.filter((r) => r.suite === s.name && r.method === method)
+      .sort((a, b) => a.setting.localeCompare(b.setting, "en", { numeric: true }));
+    for (const r of mine) {
+      const b = find(base, r.setting);
+      if (!b) continue;
+      const d = r.ppl[0] - b.ppl[0];
+      const verdict = d < 0 ? "better" : d === 0 ? "equal" : "**worse**";
+      lines.push(
+        `- ${r.setting}, ${method}: ${r.ppl[0].toFixed(2)} against ${base} ` +
+          `${b.ppl[0].toFixed(2)} (${d >= 0 ? "+" : ""}${d.toFixed(2)}, ${verdict})`,
+      );
     }
   }
-  return md;
+  if (!lines.length) return "";
+  return `\n${c.title}:\n\n${lines.join("\n")}\n${c.note ? `\n${c.note}\n` : ""}`;
+}
+
+/** Each comparison of {@link comparisons}. */
+function renderVersus(s: Suite, rows: Row[]): string {
+  return comparisons(s).map((c) => versus(s, rows, c)).join("");
 }
 
 /** A suite's mixed-precision table: one row per budget and allocator. */
@@ -385,15 +406,35 @@ function renderMixed(s: Suite, rows: Row[]): string {
   for (const r of mixed.sort((a, b) => order(a) - order(b))) {
     md += `| ${r.setting} | ${r.method} | ${r.bitsPerWeight!.toFixed(3)} | ${r.bytes} | ${
       r.ppl.map((p) => p.toFixed(2)).join(" | ")
-    } | ${r.allocation} | ${r.quantizeSeconds!.toFixed(0)} s |\n`;
+    } | ${r.allocation} | ${
+      r.sharedWith ? `the ${r.sharedWith} row's` : `${r.quantizeSeconds!.toFixed(0)} s`
+    } |\n`;
   }
-  return md;
+  return md + versus(s, rows, {
+    title: "CVXQ (measured) against uniform and MixQuant, and the other CVXQ rows against it, " +
+      "at each budget (in-domain perplexity)",
+    pairs: MIXED_PAIRS,
+    note: s.mixed.exceptions,
+  });
+}
+
+/**
+ * A uniform row at a larger budget whose rate is within `budget`: the uniform allocator picks
+ * the same format at `budget` (the candidates within it are a subset of those within the larger
+ * one, and the chosen one is among them), so that row's quantization is this budget's too.
+ */
+function sameUniform(s: Suite, rows: Row[], budget: number): Row | undefined {
+  return rows.find((r) =>
+    r.suite === s.name && r.method === "uniform" && r.allocation !== undefined &&
+    Number(r.setting) > budget && r.bitsPerWeight! <= budget
+  );
 }
 
 /** Runs a suite's missing mixed-precision rows (`budget`, `method`: filters). */
 async function runMixed(
   s: Suite,
   f: { budget?: string; method?: string },
+  load: () => Promise<Row[]>,
   have: (method: string, setting: string) => boolean,
   save: (row: Row) => Promise<void>,
   tmp: string,
@@ -403,6 +444,12 @@ async function runMixed(
     if (f.budget && Number(f.budget) !== budget) continue;
     for (const a of ALLOCATORS) {
       if (have(a.label, setting) || (f.method && f.method !== a.label)) continue;
+      const same = a.allocator === "uniform" && sameUniform(s, await load(), budget);
+      if (same) {
+        console.error(`== ${s.name} uniform at ${setting}: the ${same.setting} row's format`);
+        await save({ ...same, setting, sharedWith: same.sharedWith ?? same.setting });
+        continue;
+      }
       const file = `${tmp}/${s.name}-mixed.lowbit`;
       console.error(`== ${s.name} ${a.label} at ${setting} bits per weight`);
       await run([
@@ -541,7 +588,7 @@ export async function benchQuality(args: string[]): Promise<void> {
         console.error(`   perplexity ${ppl.map((p) => p.toFixed(2)).join(" / ")}`);
       }
     }
-    if (!values.setting) await runMixed(s, values, have, save, tmp);
+    if (!values.setting) await runMixed(s, values, load, have, save, tmp);
   }
   await Deno.remove(tmp, { recursive: true });
   const md = render(await load()); // with the rows of any run beside this one
