@@ -263,7 +263,7 @@ interface Row {
   /** Mixed-precision rows: the file's bytes and the allocation in brief ("12× W3 g64, …"). */
   bytes?: number;
   allocation?: string;
-  /** A uniform row that is the quantization of the uniform row at this budget (sameUniform). */
+  /** A uniform row that reuses a larger budget's uniform file ({@link sameUniform}): that budget. */
   sharedWith?: string;
 }
 
