@@ -128,6 +128,16 @@ export class Builder {
       if (x && (g || !norm)) xb = norm ? { x, g: g! } : { x };
     }
     const xUniform = "x" in xb;
+    /** A chunk's tuning-key fields that both families share. */
+    const key = (rows: number, e: Epilogue) => ({
+      rows,
+      K: W.K,
+      tokens: 1,
+      epilogue: e.kind,
+      norm: norm !== null,
+      weights: W.weights,
+      xUniform,
+    });
     if (W.format === "q") {
       return W.chunks.map((c) => {
         const e = chunkEpilogue(this.kvEpilogue(epilogue), c.rowStart);
@@ -135,13 +145,7 @@ export class Builder {
           family: "matvec_q",
           bits: W.bits,
           groupSize: W.groupSize,
-          rows: c.rows,
-          K: W.K,
-          tokens: 1,
-          epilogue: e.kind,
-          norm: norm !== null,
-          weights: W.weights,
-          xUniform,
+          ...key(c.rows, e),
         }, e);
         const v = {
           bits: W.bits,
@@ -172,17 +176,7 @@ export class Builder {
         epilogue: e,
         weights: W.weights,
         xUniform,
-        ...denseKernelShape(this.gpu, {
-          family: "matvec",
-          format: W.format,
-          rows: c.rows,
-          K: W.K,
-          tokens: 1,
-          epilogue: e.kind,
-          norm: norm !== null,
-          weights: W.weights,
-          xUniform,
-        }),
+        ...denseKernelShape(this.gpu, { family: "matvec", format: W.format, ...key(c.rows, e) }),
       };
       const pipeline = matvecPipeline(this.gpu, v);
       const bufs2 = { ...bufs, ...xb, w: c.data };
