@@ -53,6 +53,7 @@ const DEFAULT_FORMATS = "fp16,w4g128,w3g128,w2g64";
 async function modelPath(shape: string, format: string): Promise<string> {
   const q = FORMATS[format];
   const c = SHAPES[shape];
+  await Deno.mkdir(CACHE, { recursive: true });
   if (!c) {
     if (!q) return STORIES;
     const path = `${CACHE}/stories-${format}.lowbit`;
@@ -74,13 +75,15 @@ async function modelPath(shape: string, format: string): Promise<string> {
         path,
         ...(q.head ? ["--quantize-head"] : []),
       ];
-      const r = await new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "null" })
+      const r = await new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "piped" })
         .output();
-      if (!r.success) throw new Error(`quantizing stories260K to ${format} failed`);
+      if (!r.success) {
+        const why = new TextDecoder().decode(r.stderr).trim().split("\n").slice(-3).join("\n");
+        throw new Error(`quantizing stories260K to ${format} failed: ${why}`);
+      }
     }
     return path;
   }
-  await Deno.mkdir(CACHE, { recursive: true });
   if (!q) return await cachedSyntheticCheckpoint(`${CACHE}/${shape}-f16`, c);
   const path = `${CACHE}/${shape}-${format}.lowbit`;
   if (!(await Deno.stat(path).then(() => true, () => false))) {
@@ -247,8 +250,6 @@ export async function benchLatency(args: string[]): Promise<void> {
     .split(",");
   const prompts = (values.prompts ?? "128,512").split(",").map(Number);
   const ceil = await ceilings(gpu);
-  // the bandwidth ceiling: the faster of a buffer copy and a compute shader's reads
-  const bw = Math.max(ceil.copyGBs, ceil.readGBs);
   const ceilText = `copy ${ceil.copyGBs.toFixed(1)} GB/s (read + write), shader read ${
     ceil.readGBs.toFixed(1)
   } GB/s, FMA ${ceil.fmaGflops.toFixed(1)} GFLOP/s`;
@@ -275,8 +276,25 @@ export async function benchLatency(args: string[]): Promise<void> {
           } dispatches), matvec ${r.matvecGBs.toFixed(2)} GB/s ` +
           `${r.matvecGflops.toFixed(2)} GFLOP/s`,
       );
+      await recordLatency(gpu, ceil, ceilText, prompts, batches, rows);
     }
   }
+}
+
+/**
+ * Writes the rows measured so far: the "latency" section of bench/RESULTS.md and
+ * bench/latency.json (after each row, so that a run cut short keeps what it measured).
+ */
+async function recordLatency(
+  gpu: Gpu,
+  ceil: Awaited<ReturnType<typeof ceilings>>,
+  ceilText: string,
+  prompts: number[],
+  batches: number[],
+  rows: Row[],
+): Promise<void> {
+  // the bandwidth ceiling: the faster of a buffer copy and a compute shader's reads
+  const bw = Math.max(ceil.copyGBs, ceil.readGBs);
   const head = [
     "model",
     "weights",

@@ -501,9 +501,19 @@ async function firstRun(
   const gpu = await namedGpu("test GPU C");
   gpu.tuneCache = path;
   const lines: string[] = [];
-  const r = await autoTune(gpu, c, w, { ...opts, log: (l) => lines.push(l) });
   const name = "matvec_q q3g32 64x128 b1 add buffer";
   const att = `attention h4 kv2 d16 ${defaultKvType(gpu)} buffer decode`;
+  // each choice is in the cache file by the time its progress line shows (an interrupted run
+  // keeps it)
+  let afterFirst: string[] = [];
+  const log = (l: string) => {
+    lines.push(l);
+    if (/tune 1\/2/.test(l)) {
+      afterFirst = Object.keys(readTuneCache(path).adapters[gpuAdapterId(gpu)]?.shapes ?? {});
+    }
+  };
+  const r = await autoTune(gpu, c, w, { ...opts, log });
+  assert.deepEqual(afterFirst, [name]);
   assert.deepEqual(r.map((x) => x.name), [name, att]);
   for (const x of r) {
     assert.ok(x.variants.length >= 2 && x.variants.every((v) => v.error === null), x.name);

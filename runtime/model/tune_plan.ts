@@ -275,8 +275,9 @@ export type TuneAndSaveOptions = TuneOptions & {
 
 /**
  * Tunes `jobs` (the quantized kernels first, then the dense ones, then attention), a progress
- * line per job on stderr, and files the choices in the Gpu's tune cache (or `path`) and in
- * `gpu.tuned` (matrix kernels) / `gpu.tunedAttention`. Returns the results, in that order.
+ * line per job on stderr, and files each choice as soon as it is made (so an interrupted run
+ * keeps those) in the Gpu's tune cache (or `path`) and in `gpu.tuned` (matrix kernels) /
+ * `gpu.tunedAttention`. Returns the results, in that order.
  */
 export async function tuneAndSave(
   gpu: Gpu,
@@ -286,39 +287,43 @@ export async function tuneAndSave(
   const log = opts.log ?? ((l: string) => console.error(l));
   const matrix = jobs.filter(isQJob), dense = jobs.filter(isDenseJob);
   const n = jobs.length;
-  const results: AnyTuneResult[] = await tuneJobs(gpu, matrix, {
-    ...opts,
-    onResult: (r, i) => log(describeResult(r, i, n)),
-  });
+  const path = opts.path ?? gpu.tuneCache;
+  let unwritable = false;
+  // each choice is filed as soon as it is made, so that an interrupted run keeps what it found
+  const file = (r: AnyTuneResult, i: number) => {
+    const entries = tunedEntries([r]);
+    for (const [k, e] of entries) {
+      if (isAttentionKeyString(k)) {
+        gpu.tunedAttention.set(k, bareAttentionShape(e as AttentionShape));
+      } else gpu.tuned.set(k, bareShape(e as TunedShape));
+    }
+    if (path && !unwritable && entries.length > 0) {
+      try {
+        saveTuned(path, gpuAdapterId(gpu), entries);
+      } catch (e) {
+        unwritable = true;
+        console.warn(`warning: cannot write the tune cache ${path}: ${(e as Error).message}`);
+      }
+    }
+    log(describeResult(r, i, n));
+  };
+  const results: AnyTuneResult[] = await tuneJobs(gpu, matrix, { ...opts, onResult: file });
   const { repeats, dispatches, prefillTokens } = opts;
   const shared = { repeats, dispatches, prefillTokens };
   results.push(
     ...await tuneDenseJobs(gpu, dense, {
       ...shared,
       ...opts.dense,
-      onResult: (r, i) => log(describeResult(r, matrix.length + i, n)),
+      onResult: (r, i) => file(r, matrix.length + i),
     }),
   );
   results.push(
     ...await tuneAttentionJobs(gpu, jobs.filter(isAttentionJob), {
       ...shared,
       ...opts.attention,
-      onResult: (r, i) => log(describeResult(r, matrix.length + dense.length + i, n)),
+      onResult: (r, i) => file(r, matrix.length + dense.length + i),
     }),
   );
-  const entries = tunedEntries(results);
-  for (const [k, e] of entries) {
-    if (isAttentionKeyString(k)) gpu.tunedAttention.set(k, bareAttentionShape(e as AttentionShape));
-    else gpu.tuned.set(k, bareShape(e as TunedShape));
-  }
-  const path = opts.path ?? gpu.tuneCache;
-  if (path) {
-    try {
-      saveTuned(path, gpuAdapterId(gpu), entries);
-    } catch (e) {
-      console.warn(`warning: cannot write the tune cache ${path}: ${(e as Error).message}`);
-    }
-  }
   return results;
 }
 
