@@ -48,9 +48,14 @@ function timeDispatch(
   }, reps);
 }
 
-export async function ceilings(
-  gpu: Gpu,
-): Promise<{ copyGBs: number; readGBs: number; fmaGflops: number }> {
+/** The adapter's measured ceilings: buffer copy and shader read bandwidth, FMA rate. */
+export interface Ceilings {
+  copyGBs: number;
+  readGBs: number;
+  fmaGflops: number;
+}
+
+export async function ceilings(gpu: Gpu): Promise<Ceilings> {
   const { device } = gpu;
   const bytes = gpu.isCpu ? 64 << 20 : 512 << 20;
   const usage = GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST | GPUBufferUsage.STORAGE;

@@ -24,7 +24,7 @@ import {
   smolLm2_135mConfig,
 } from "../runtime/checkpoint/shapes.ts";
 import { writeSyntheticLowbit } from "./synthetic_lowbit.ts";
-import { ceilings } from "./ceilings.ts";
+import { type Ceilings, ceilings } from "./ceilings.ts";
 import { emptyStepMs, encodeStepUs, IN_FLIGHT } from "./overhead.ts";
 import { recordResults, table, today } from "./results.ts";
 
@@ -250,10 +250,7 @@ export async function benchLatency(args: string[]): Promise<void> {
     .split(",");
   const prompts = (values.prompts ?? "128,512").split(",").map(Number);
   const ceil = await ceilings(gpu);
-  const ceilText = `copy ${ceil.copyGBs.toFixed(1)} GB/s (read + write), shader read ${
-    ceil.readGBs.toFixed(1)
-  } GB/s, FMA ${ceil.fmaGflops.toFixed(1)} GFLOP/s`;
-  console.log(`${gpu.adapterName}: ${ceilText}`);
+  console.log(`${gpu.adapterName}: ${ceilingsText(ceil)}`);
   const rows: Row[] = [];
   for (const shape of shapes) {
     for (const format of values.formats!.split(",")) {
@@ -276,9 +273,15 @@ export async function benchLatency(args: string[]): Promise<void> {
           } dispatches), matvec ${r.matvecGBs.toFixed(2)} GB/s ` +
           `${r.matvecGflops.toFixed(2)} GFLOP/s`,
       );
-      await recordLatency(gpu, ceil, ceilText, prompts, batches, rows);
+      await recordLatency(gpu, ceil, prompts, batches, rows);
     }
   }
+}
+
+function ceilingsText(ceil: Ceilings): string {
+  return `copy ${ceil.copyGBs.toFixed(1)} GB/s (read + write), shader read ${
+    ceil.readGBs.toFixed(1)
+  } GB/s, FMA ${ceil.fmaGflops.toFixed(1)} GFLOP/s`;
 }
 
 /**
@@ -287,8 +290,7 @@ export async function benchLatency(args: string[]): Promise<void> {
  */
 async function recordLatency(
   gpu: Gpu,
-  ceil: Awaited<ReturnType<typeof ceilings>>,
-  ceilText: string,
+  ceil: Ceilings,
   prompts: number[],
   batches: number[],
   rows: Row[],
@@ -328,7 +330,9 @@ async function recordLatency(
   await recordResults(
     "latency",
     gpu.adapterName,
-    `${today()}. Ceilings: ${ceilText}; bandwidth = the faster of the two. Synthetic weights except stories260K; the logits layer stays fp16 except in the "+head" rows. Batch N: N sequences stepped together ` +
+    `${today()}. Ceilings: ${
+      ceilingsText(ceil)
+    }; bandwidth = the faster of the two. Synthetic weights except stories260K; the logits layer stays fp16 except in the "+head" rows. Batch N: N sequences stepped together ` +
       `(GpuModel.decodeBatch), total tok/s. Empty step: as many dispatches of an empty kernel, ` +
       `each with its own bind group (bench/overhead.ts): the step's cost beyond its kernels; ` +
       `encode: host time to record a batch-1 step; batch N dispatches: a batched step's layers ` +

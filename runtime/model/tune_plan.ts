@@ -289,7 +289,6 @@ export async function tuneAndSave(
   const n = jobs.length;
   const path = opts.path ?? gpu.tuneCache;
   let unwritable = false;
-  // each choice is filed as soon as it is made, so that an interrupted run keeps what it found
   const file = (r: AnyTuneResult, i: number) => {
     const entries = tunedEntries([r]);
     for (const [k, e] of entries) {
